@@ -1,0 +1,22 @@
+"""lledit: lifelong knowledge editing of language models."""
+
+__version__ = "0.1.0"
+
+from lledit.data import EditRequest, InvalidEditError, load_dataset
+from lledit.eval import LifelongResult, evaluate, run_lifelong
+from lledit.methods import METHODS, make_editor
+from lledit.model import ModelHandle, load_model
+
+__all__ = [
+    "METHODS",
+    "EditRequest",
+    "InvalidEditError",
+    "LifelongResult",
+    "ModelHandle",
+    "__version__",
+    "evaluate",
+    "load_dataset",
+    "load_model",
+    "make_editor",
+    "run_lifelong",
+]

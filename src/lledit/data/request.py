@@ -1,0 +1,138 @@
+"""The edit request: one fact to write into a model, with the prompts that test it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_TARGET_CHARS = 500
+MAX_PROMPT_CHARS = 4000
+
+
+class InvalidEditError(ValueError):
+    """A request or a data record that cannot become a valid `EditRequest`.
+
+    Carries the offending field and, when the request came from a file, the
+    file and the record index, so the message points at the exact place.
+    """
+
+    def __init__(
+        self,
+        field: str,
+        reason: str,
+        *,
+        source: str | None = None,
+        index: int | None = None,
+    ) -> None:
+        self.field = field
+        self.reason = reason
+        self.source = source
+        self.index = index
+        where = []
+        if source is not None:
+            where.append(str(source))
+        if index is not None:
+            where.append(f"record {index}")
+        prefix = f"{', '.join(where)}: " if where else ""
+        super().__init__(f"{prefix}field '{field}': {reason}")
+
+    def located(self, source: str | None, index: int | None) -> InvalidEditError:
+        """The same error, pinned to a file and record index."""
+        return InvalidEditError(self.field, self.reason, source=source, index=index)
+
+
+def _check_text(name: str, value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidEditError(name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidEditError(name, "is empty or whitespace only")
+    if len(value) > limit:
+        raise InvalidEditError(name, f"is {len(value)} characters long; the limit is {limit}")
+    return value
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Make the model complete `prompt` with `target_new`.
+
+    `rephrases` test generalization, `locality` holds (prompt, answer) pairs
+    about unrelated facts that the edit must leave alone. Lists given for
+    `rephrases` and `locality` are stored as tuples so the request stays
+    hashable and immutable.
+    """
+
+    prompt: str
+    target_new: str
+    subject: str | None = None
+    target_true: str | None = None
+    rephrases: tuple[str, ...] = field(default=())
+    locality: tuple[tuple[str, str], ...] = field(default=())
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_text("prompt", self.prompt, MAX_PROMPT_CHARS)
+        _check_text("target_new", self.target_new, MAX_TARGET_CHARS)
+        if self.subject is not None:
+            _check_text("subject", self.subject, MAX_PROMPT_CHARS)
+        if self.target_true is not None:
+            _check_text("target_true", self.target_true, MAX_TARGET_CHARS)
+        if self.id is not None and not isinstance(self.id, str):
+            raise InvalidEditError("id", f"expected a string, got {type(self.id).__name__}")
+        object.__setattr__(self, "rephrases", _as_rephrases(self.rephrases))
+        object.__setattr__(self, "locality", _as_locality(self.locality))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "target_new": self.target_new,
+            "subject": self.subject,
+            "target_true": self.target_true,
+            "rephrases": list(self.rephrases),
+            "locality": [list(pair) for pair in self.locality],
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> EditRequest:
+        """Build from the dict form written by `to_dict` (lledit's own JSONL)."""
+        if not isinstance(record, dict):
+            raise InvalidEditError("record", f"expected an object, got {type(record).__name__}")
+        for required in ("prompt", "target_new"):
+            if required not in record:
+                raise InvalidEditError(required, "is missing")
+        known = {"id", "prompt", "target_new", "subject", "target_true", "rephrases", "locality"}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise InvalidEditError(unknown[0], f"unknown field; expected some of {sorted(known)}")
+        return cls(
+            prompt=record["prompt"],
+            target_new=record["target_new"],
+            subject=record.get("subject"),
+            target_true=record.get("target_true"),
+            rephrases=record.get("rephrases", ()),
+            locality=record.get("locality", ()),
+            id=record.get("id"),
+        )
+
+
+def _as_rephrases(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidEditError("rephrases", "expected a list of strings")
+    items = tuple(value)
+    for position, item in enumerate(items):
+        _check_text(f"rephrases[{position}]", item, MAX_PROMPT_CHARS)
+    return items
+
+
+def _as_locality(value: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidEditError("locality", "expected a list of [prompt, answer] pairs")
+    pairs = []
+    for position, pair in enumerate(value):
+        if isinstance(pair, str) or not isinstance(pair, Iterable) or len(pair := tuple(pair)) != 2:
+            raise InvalidEditError(f"locality[{position}]", "expected a [prompt, answer] pair")
+        prompt = _check_text(f"locality[{position}].prompt", pair[0], MAX_PROMPT_CHARS)
+        answer = _check_text(f"locality[{position}].answer", pair[1], MAX_PROMPT_CHARS)
+        pairs.append((prompt, answer))
+    return tuple(pairs)

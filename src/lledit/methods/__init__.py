@@ -1,0 +1,101 @@
+"""The registry of editing methods, and building an editor from a name and settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from lledit.methods.base import (
+    AppliedEdit,
+    EditMethod,
+    NonFiniteUpdateError,
+    WeightDelta,
+    apply_weight_deltas,
+)
+from lledit.methods.ft import FineTune, FTConfig
+from lledit.methods.none import NoEdit
+from lledit.model import ModelHandle
+
+METHODS: dict[str, type] = {method.name: method for method in (NoEdit, FineTune)}
+
+
+class UnknownMethodError(ValueError):
+    pass
+
+
+def method_class(name: str) -> type:
+    if name not in METHODS:
+        raise UnknownMethodError(f"unknown method '{name}'; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def config_fields(name: str) -> list[tuple[str, Any, Any]]:
+    """(field name, type, default) of a method's config dataclass."""
+    config_class = method_class(name).config_class
+    hints = typing.get_type_hints(config_class)
+    return [(f.name, hints[f.name], f.default) for f in dataclasses.fields(config_class)]
+
+
+def _parse_value(text: str, kind: Any, key: str) -> Any:
+    """Turn `text` into a value of the (possibly optional) field type `kind`."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    for option in options:
+        if option is type(None):
+            continue
+        if option is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            continue
+        try:
+            return option(text)
+        except (TypeError, ValueError):
+            continue
+    raise ValueError(f"setting '{key}': cannot read {text!r} as {kind}")
+
+
+def parse_settings(name: str, settings: list[str]) -> dict[str, Any]:
+    """Read `key=value` strings against a method's config fields and their types."""
+    fields = {field_name: kind for field_name, kind, _ in config_fields(name)}
+    parsed = {}
+    for setting in settings:
+        key, separator, text = setting.partition("=")
+        key = key.strip().replace("-", "_")
+        if not separator:
+            raise ValueError(f"setting {setting!r} is not of the form key=value")
+        if key not in fields:
+            raise ValueError(
+                f"method '{name}' has no setting '{key}'; its settings: {', '.join(fields) or '-'}"
+            )
+        parsed[key] = _parse_value(text.strip(), fields[key], key)
+    return parsed
+
+
+def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
+    """An editor for `handle`; `settings` override fields of the method's config."""
+    method = method_class(name)
+    config = method.config_class(**settings)
+    return method(handle, config)
+
+
+__all__ = [
+    "METHODS",
+    "AppliedEdit",
+    "EditMethod",
+    "FTConfig",
+    "FineTune",
+    "NoEdit",
+    "NonFiniteUpdateError",
+    "UnknownMethodError",
+    "WeightDelta",
+    "apply_weight_deltas",
+    "config_fields",
+    "make_editor",
+    "method_class",
+    "parse_settings",
+]

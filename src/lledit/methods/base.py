@@ -1,0 +1,117 @@
+"""What every editing method shares: the protocol and undoable weight deltas."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from lledit.data.request import EditRequest
+from lledit.model import ModelHandle
+
+
+class NonFiniteUpdateError(RuntimeError):
+    """An edit produced NaN or infinite values; the model was left unchanged."""
+
+
+class AppliedEdit(Protocol):
+    """One applied batch: records what changed so that `undo` can revert it."""
+
+    def undo(self) -> None: ...
+
+
+@runtime_checkable
+class EditMethod(Protocol):
+    """An editor bound to one model.
+
+    `prepare` does one-off work (statistics, loading a trained network) and is
+    timed as set-up; `apply` writes one batch into the model.
+    """
+
+    name: ClassVar[str]
+
+    def prepare(self) -> None: ...
+
+    def apply(self, batch: Sequence[EditRequest]) -> AppliedEdit: ...
+
+    def config_dict(self) -> dict[str, Any]: ...
+
+
+class NoChange:
+    """The record of a batch that changed nothing."""
+
+    def undo(self) -> None:
+        return None
+
+
+class WeightDelta:
+    """Weight deltas added to some modules, undoable exactly.
+
+    The weights as they were before the edit are kept. Undoing the latest edit
+    restores them bit for bit; if the weights moved on since (a later edit that
+    is still applied), the delta that this edit actually added is subtracted.
+    """
+
+    def __init__(self, handle: ModelHandle, before: dict[str, torch.Tensor]) -> None:
+        self._handle = handle
+        self._before = before
+        self._after = {name: handle.weight_of(name).detach().clone() for name in before}
+        self._undone = False
+
+    @property
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """What was added to each module's (d_out, d_in) weight, in float32."""
+        return {
+            name: self._after[name].float() - before.float()
+            for name, before in self._before.items()
+        }
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        if self._undone:
+            raise RuntimeError("this edit was already undone")
+        for name, before in self._before.items():
+            weight = self._handle.weight_of(name)
+            if torch.equal(weight, self._after[name]):
+                weight.copy_(before)
+            else:
+                weight.copy_(weight.float() - (self._after[name].float() - before.float()))
+        self._undone = True
+
+
+@torch.no_grad()
+def apply_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> WeightDelta:
+    """Add each (d_out, d_in) delta to its module's weight, all or nothing.
+
+    Shapes and finiteness are checked for every delta before any weight is
+    touched, so a rejected update leaves the model exactly as it was.
+    """
+    weights = {name: handle.weight_of(name) for name in deltas}
+    for name, delta in deltas.items():
+        if delta.shape != weights[name].shape:
+            raise ValueError(
+                f"delta for '{name}' has shape {tuple(delta.shape)}, "
+                f"the weight has {tuple(weights[name].shape)}"
+            )
+        if not torch.isfinite(delta).all():
+            raise NonFiniteUpdateError(
+                f"the update for '{name}' is not finite; the batch was rejected "
+                "and the model left unchanged"
+            )
+    updated = {
+        name: (weights[name].float() + delta.to(weights[name].device).float()).to(
+            weights[name].dtype
+        )
+        for name, delta in deltas.items()
+    }
+    for name, value in updated.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteUpdateError(
+                f"adding the update to '{name}' overflows {value.dtype}; "
+                "the batch was rejected and the model left unchanged"
+            )
+    before = {name: weight.detach().clone() for name, weight in weights.items()}
+    for name, value in updated.items():
+        weights[name].copy_(value)
+    return WeightDelta(handle, before)

@@ -1,0 +1,123 @@
+"""Tokenising (prompt, target) pairs and padding them into one batch.
+
+The target is scored as the continuation of the prompt with one leading
+space. Prompt and target are tokenised so that the prompt's tokens are an exact
+prefix of the whole sequence, and the target's positions start at that
+boundary, whatever the padding side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from lledit.model import ModelHandle
+
+
+@dataclass
+class EncodedPair:
+    """Token ids of prompt + target; the target starts at `target_start`."""
+
+    ids: list[int]
+    target_start: int
+
+    @property
+    def target_ids(self) -> list[int]:
+        return self.ids[self.target_start :]
+
+
+def join(prompt: str, target: str) -> str:
+    return prompt + target if prompt[-1:].isspace() else f"{prompt} {target}"
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[EncodedPair]:
+    """Tokenise each prompt with its target as a continuation.
+
+    Whole sequences are tokenised at once; where a tokeniser merges text across
+    the prompt/target boundary, the pair falls back to the prompt's tokens
+    followed by the separately tokenised target.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    full_ids = tokenizer([join(p, t) for p, t in zip(prompts, targets, strict=True)])["input_ids"]
+    pairs = []
+    for index, (prefix, full) in enumerate(zip(prompt_ids, full_ids, strict=True)):
+        if len(full) > len(prefix) and full[: len(prefix)] == prefix:
+            pairs.append(EncodedPair(list(full), len(prefix)))
+            continue
+        separator = "" if prompts[index][-1:].isspace() else " "
+        target = tokenizer(separator + targets[index], add_special_tokens=False)["input_ids"]
+        if not target:
+            raise ValueError(f"target {targets[index]!r} tokenises to nothing")
+        pairs.append(EncodedPair(list(prefix) + list(target), len(prefix)))
+    return pairs
+
+
+@dataclass
+class TokenBatch:
+    """Padded pairs plus the coordinates of every target token.
+
+    `target_rows[i]`, `target_positions[i]` locate target token `i` (whose id
+    is `target_ids[i]`); `target_lengths[j]` is the number of target tokens of
+    pair `j`, so per-pair results come from splitting along that.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    target_rows: torch.Tensor
+    target_positions: torch.Tensor
+    target_ids: torch.Tensor
+    target_lengths: list[int]
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+            target_rows=self.target_rows.to(device),
+            target_positions=self.target_positions.to(device),
+            target_ids=self.target_ids.to(device),
+            target_lengths=self.target_lengths,
+        )
+
+
+def collate(pairs: Sequence[EncodedPair], pad_id: int, padding_side: str = "right") -> TokenBatch:
+    """Pad pairs to one length; position ids count real tokens only."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    if not pairs:
+        raise ValueError("cannot collate an empty list of pairs")
+    length = max(len(pair.ids) for pair in pairs)
+    input_ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), length), dtype=torch.long)
+    rows, positions, target_ids = [], [], []
+    for row, pair in enumerate(pairs):
+        offset = length - len(pair.ids) if padding_side == "left" else 0
+        input_ids[row, offset : offset + len(pair.ids)] = torch.tensor(pair.ids)
+        attention_mask[row, offset : offset + len(pair.ids)] = 1
+        start = offset + pair.target_start
+        rows.extend([row] * (len(pair.ids) - pair.target_start))
+        positions.extend(range(start, offset + len(pair.ids)))
+        target_ids.extend(pair.target_ids)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return TokenBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        target_rows=torch.tensor(rows, dtype=torch.long),
+        target_positions=torch.tensor(positions, dtype=torch.long),
+        target_ids=torch.tensor(target_ids, dtype=torch.long),
+        target_lengths=[len(pair.ids) - pair.target_start for pair in pairs],
+    )
+
+
+def edit_batch(handle: ModelHandle, prompts: Sequence[str], targets: Sequence[str]) -> TokenBatch:
+    """Tokenise and collate on the model's device, ready for `handle.target_logits`."""
+    pairs = encode_pairs(handle.tokenizer, prompts, targets)
+    return collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)

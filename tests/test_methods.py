@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from lledit import METHODS, EditRequest, make_editor
+from lledit.eval import evaluate
+from lledit.methods import NonFiniteUpdateError, apply_weight_deltas, parse_settings
+
+
+def snapshot(handle):
+    return {name: value.clone() for name, value in handle.model.state_dict().items()}
+
+
+def assert_same(handle, before):
+    for name, value in handle.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_registry_lists_none_and_ft():
+    assert {"none", "ft"} <= set(METHODS)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        make_editor("nope", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ft_edits_one_module_and_undo_restores_bit_for_bit(tiny, requests_small, dtype):
+    tiny.model.to(dtype)
+    before = snapshot(tiny)
+    efficacy_before = evaluate(tiny, requests_small)[0]["efficacy"]
+    editor = make_editor("ft", tiny, lr=0.05, norm_bound=0.5, steps=20)
+    applied = editor.apply(requests_small)
+    changed = [n for n, v in tiny.model.state_dict().items() if not torch.equal(v, before[n])]
+    assert changed == [f"{editor.module_name}.weight"]
+    assert evaluate(tiny, requests_small)[0]["efficacy"] > efficacy_before
+    bound = applied.deltas[editor.module_name].abs().max()
+    assert bound <= 0.5 * 1.01 + (0.02 if dtype == torch.bfloat16 else 0)
+    applied.undo()
+    assert_same(tiny, before)
+    with pytest.raises(RuntimeError, match="already undone"):
+        applied.undo()
+
+
+def test_undo_out_of_order_subtracts_the_delta(tiny, requests_small):
+    before = snapshot(tiny)
+    editor = make_editor("ft", tiny, lr=0.05, norm_bound=0.5, steps=3)
+    first = editor.apply(requests_small[:1])
+    second = editor.apply(requests_small[1:])
+    first.undo()
+    second.undo()
+    for name, value in tiny.model.state_dict().items():
+        torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
+
+
+def test_non_finite_update_is_rejected_and_model_unchanged(tiny, requests_small):
+    before = snapshot(tiny)
+    editor = make_editor("ft", tiny, steps=2)
+    # A NaN activation makes the loss, the gradient and so the delta NaN.
+    poison = tiny.module(editor.module_name).register_forward_hook(
+        lambda module, inputs, output: output * float("nan")
+    )
+    try:
+        with pytest.raises(NonFiniteUpdateError, match="not finite"):
+            editor.apply(requests_small)
+    finally:
+        poison.remove()
+    assert_same(tiny, before)
+    first, second = tiny.layer_module(0, tiny.arch.mlp_out), tiny.layer_module(1, tiny.arch.mlp_out)
+    good = torch.ones_like(tiny.weight_of(first))
+    bad = torch.full_like(tiny.weight_of(second), float("inf"))
+    with pytest.raises(NonFiniteUpdateError):
+        apply_weight_deltas(tiny, {first: good, second: bad})
+    assert_same(tiny, before)
+    with pytest.raises(ValueError, match="shape"):
+        apply_weight_deltas(tiny, {first: good.T})
+    assert_same(tiny, before)
+
+
+def test_empty_batch_is_an_error(tiny):
+    for name in ("none", "ft"):
+        with pytest.raises(ValueError, match="at least one request"):
+            make_editor(name, tiny).apply([])
+
+
+def test_none_changes_nothing(tiny, requests_small):
+    before = snapshot(tiny)
+    make_editor("none", tiny).apply(requests_small).undo()
+    assert_same(tiny, before)
+
+
+def test_ft_config_checks_and_settings_parsing(tiny):
+    with pytest.raises(ValueError, match="steps"):
+        make_editor("ft", tiny, steps=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        make_editor("ft", tiny, lr=float("nan"))
+    assert parse_settings("ft", ["lr=1e-2", "layer=none", "steps=3"]) == {
+        "lr": 0.01,
+        "layer": None,
+        "steps": 3,
+    }
+    with pytest.raises(ValueError, match="no setting 'rank'"):
+        parse_settings("ft", ["rank=4"])
+    with pytest.raises(ValueError, match="cannot read 'many'"):
+        parse_settings("ft", ["steps=many"])
+    editor = make_editor("ft", tiny, module=tiny.layer_module(0, tiny.arch.mlp_in[0]))
+    assert editor.config_dict()["module"].endswith(tiny.arch.mlp_in[0])
+    assert isinstance(EditRequest("a", "b"), EditRequest)
