@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,8 @@ from lledit.model import ModelLoadError, load_model
 app = typer.Typer(help="Lifelong knowledge editing of language models.", no_args_is_help=True)
 data_app = typer.Typer(help="Benchmark data: what is available.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+# Tables are wider than the 80 columns rich assumes when output goes to a file or pipe.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 USER_ERRORS = (
     DataFileError,

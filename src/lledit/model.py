@@ -14,6 +14,7 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as transformers_logging
 
 from lledit.tokens import TokenBatch
 
@@ -218,6 +219,7 @@ def load_model(
         source, display_name, local_only = _cache_default_model(), DEFAULT_MODEL, True
     else:
         source, display_name, local_only = name, name, not allow_download
+    transformers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
@@ -226,6 +228,8 @@ def load_model(
     except OSError as error:
         hint = "" if allow_download else " (downloads are off; pass --allow-download to fetch it)"
         raise ModelLoadError(f"could not load model '{display_name}'{hint}: {error}") from error
+    finally:
+        transformers_logging.enable_progress_bar()
     model.to(device)
     logger.info("loaded %s in %.1f s", display_name, time.perf_counter() - started)
     return ModelHandle(model, tokenizer, display_name)

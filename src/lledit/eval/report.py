@@ -28,7 +28,7 @@ def _rows(results: Sequence[LifelongResult]) -> tuple[list[str], list[list[str]]
             f"{result.metrics[name]:.3f}" if name in result.metrics else "-"
             for name in metric_names
         ]
-        timings = [f"{result.timing[name]:.3g}" for name in TIMING_COLUMNS]
+        timings = [f"{result.timing[name]:.4f}" for name in TIMING_COLUMNS]
         rows.append([result.method, *metrics, *timings])
     return header, rows
 
@@ -50,7 +50,15 @@ def markdown_table(results: Sequence[LifelongResult]) -> str:
 
 
 def console_table(results: Sequence[LifelongResult]) -> Table:
+    """The main columns only, so the table fits a terminal; the Markdown has all."""
     header, rows = _rows(results)
+    shown = [
+        i
+        for i, name in enumerate(header)
+        if not name.endswith("_exact") and name not in ("edit_s", "eval_s")
+    ]
+    header = [header[i] for i in shown]
+    rows = [[row[i] for i in shown] for row in rows]
     first = results[0]
     table = Table(
         title=f"{first.model} · {first.dataset.get('name', '?')} · "

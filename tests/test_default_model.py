@@ -1,0 +1,68 @@
+"""Integration tests on the real default model, SmolLM2-135M-Instruct."""
+
+import pytest
+import torch
+
+from lledit import EditRequest, evaluate, load_dataset, load_model, make_editor
+from lledit.eval.scoring import score_pairs
+from lledit.model import default_model_cache
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_loads_and_knows_a_fact(default_handle):
+    assert default_handle.name == "SmolLM2-135M-Instruct"
+    assert default_handle.arch.name == "llama" and default_handle.num_layers == 30
+    assert default_handle.dtype == torch.float32
+    averages, _ = evaluate(default_handle, [EditRequest("The capital of France is", "Paris")])
+    assert averages["efficacy_exact"] == 1.0
+
+
+def test_ft_writes_ten_builtin_edits_and_undo_restores_weights(default_handle):
+    requests = load_dataset("builtin", "eval", limit=10).requests
+    before = {name: value.clone() for name, value in default_handle.model.state_dict().items()}
+    editor = make_editor("ft", default_handle)
+    applied = editor.apply(requests)
+    try:
+        averages, _ = evaluate(default_handle, requests)
+        assert averages["efficacy"] >= 0.9
+    finally:
+        applied.undo()
+    for name, value in default_handle.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_left_and_right_padding_agree_on_the_real_model(default_handle):
+    requests = load_dataset("builtin", "eval", limit=16).requests
+    prompts = [r.prompt for r in requests] + [p for r in requests for p, _ in r.locality]
+    targets = [r.target_new for r in requests] + [a for r in requests for _, a in r.locality]
+    right = score_pairs(default_handle, prompts, targets, padding_side="right")
+    left = score_pairs(default_handle, prompts, targets, padding_side="left")
+    torch.testing.assert_close(left.logprob, right.logprob, atol=2e-3, rtol=1e-4)
+    assert torch.equal(left.token_accuracy, right.token_accuracy)
+
+
+def test_bfloat16_edit_and_exact_undo():
+    handle = load_model(dtype="bfloat16")
+    requests = load_dataset("builtin", "eval", offset=10, limit=10).requests
+    before = {name: value.clone() for name, value in handle.model.state_dict().items()}
+    efficacy_before = evaluate(handle, requests)[0]["efficacy"]
+    applied = make_editor("ft", handle).apply(requests)
+    assert evaluate(handle, requests)[0]["efficacy"] >= efficacy_before + 0.5
+    applied.undo()
+    for name, value in handle.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_default_model_cache_is_written_once_and_reloads_identically(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = default_model_cache()
+    assert cache.is_relative_to(tmp_path)
+    first = load_model()
+    assert (cache / "model.safetensors").is_file()
+    assert not list(tmp_path.rglob("*.partial"))
+    written = (cache / "model.safetensors").stat().st_mtime_ns
+    second = load_model()
+    assert (cache / "model.safetensors").stat().st_mtime_ns == written
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name]), name
