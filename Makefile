@@ -3,9 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# One torch thread per process core; never more processes than cores.
-export OMP_NUM_THREADS ?= 2
-
 .PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)

@@ -89,6 +89,8 @@ def test_none_changes_nothing(tiny, requests_small):
 def test_ft_config_checks_and_settings_parsing(tiny):
     with pytest.raises(ValueError, match="steps"):
         make_editor("ft", tiny, steps=0)
+    with pytest.raises(ValueError, match="no setting 'rank'"):
+        make_editor("ft", tiny, rank=4)
     with pytest.raises(ValueError, match="must be positive"):
         make_editor("ft", tiny, lr=float("nan"))
     assert parse_settings("ft", ["lr=1e-2", "layer=none", "steps=3"]) == {

@@ -59,6 +59,13 @@ def _parse_value(text: str, kind: Any, key: str) -> Any:
     raise ValueError(f"setting '{key}': cannot read {text!r} as {kind}")
 
 
+def _check_setting(name: str, key: str, known: list[str]) -> None:
+    if key not in known:
+        raise ValueError(
+            f"method '{name}' has no setting '{key}'; its settings: {', '.join(known) or '-'}"
+        )
+
+
 def parse_settings(name: str, settings: list[str]) -> dict[str, Any]:
     """Read `key=value` strings against a method's config fields and their types."""
     fields = {field_name: kind for field_name, kind, _ in config_fields(name)}
@@ -68,10 +75,7 @@ def parse_settings(name: str, settings: list[str]) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not separator:
             raise ValueError(f"setting {setting!r} is not of the form key=value")
-        if key not in fields:
-            raise ValueError(
-                f"method '{name}' has no setting '{key}'; its settings: {', '.join(fields) or '-'}"
-            )
+        _check_setting(name, key, list(fields))
         parsed[key] = _parse_value(text.strip(), fields[key], key)
     return parsed
 
@@ -79,8 +83,10 @@ def parse_settings(name: str, settings: list[str]) -> dict[str, Any]:
 def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
     """An editor for `handle`; `settings` override fields of the method's config."""
     method = method_class(name)
-    config = method.config_class(**settings)
-    return method(handle, config)
+    known = [field_name for field_name, _, _ in config_fields(name)]
+    for key in settings:
+        _check_setting(name, key, known)
+    return method(handle, method.config_class(**settings))
 
 
 __all__ = [
