@@ -4,25 +4,54 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from lledit.data import DataFileError, InvalidEditError, UnknownDatasetError, list_datasets
 from lledit.data import load_dataset as load_edit_dataset
 from lledit.eval import console_table, markdown_table, plot_curves, run_lifelong
-from lledit.methods import METHODS, UnknownMethodError, config_fields, make_editor, parse_settings
-from lledit.model import ModelLoadError, load_model
+from lledit.journal import UNDONE, Journal, JournaledModel, JournalError
+from lledit.methods import (
+    METHODS,
+    NonFiniteUpdateError,
+    UnknownMethodError,
+    config_fields,
+    make_editor,
+    method_class,
+    parse_settings,
+)
+from lledit.model import DEFAULT_MODEL, ModelLoadError, load_model
 
 app = typer.Typer(help="Lifelong knowledge editing of language models.", no_args_is_help=True)
 data_app = typer.Typer(help="Benchmark data: what is available.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 # Tables are wider than the 80 columns rich assumes when output goes to a file or pipe.
 console = Console(width=None if sys.stdout.isatty() else 120)
+logger = logging.getLogger("lledit")
+
+ModelOption = Annotated[
+    str | None, typer.Option(help="Hugging Face id or local folder; default SmolLM2-135M.")
+]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
+DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+SettingsOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Method setting KEY=VALUE (or METHOD.KEY=VALUE); repeatable."),
+]
+SkipInvalidOption = Annotated[
+    bool, typer.Option(help="Skip malformed records (and count them) instead of failing.")
+]
+DownloadOption = Annotated[
+    bool, typer.Option(help="Let --model fetch weights from the Hugging Face Hub.")
+]
+JournalOption = Annotated[Path, typer.Option("--journal", help="The journal database (J.db).")]
 
 USER_ERRORS = (
     DataFileError,
@@ -30,6 +59,8 @@ USER_ERRORS = (
     UnknownDatasetError,
     UnknownMethodError,
     ModelLoadError,
+    JournalError,
+    NonFiniteUpdateError,
     FileNotFoundError,
     ValueError,
 )
@@ -84,26 +115,17 @@ def bench(
     shuffle: Annotated[
         int | None, typer.Option(help="Shuffle the records with this seed first.")
     ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Hugging Face id or local folder; default SmolLM2-135M.")
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     eval_every: Annotated[
         int | None, typer.Option(help="Also evaluate all edits so far every K batches.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the run.")] = 0,
-    settings: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Method setting KEY=VALUE (or METHOD.KEY=VALUE); repeatable."),
-    ] = None,
-    skip_invalid: Annotated[
-        bool, typer.Option(help="Skip malformed records (and count them) instead of failing.")
-    ] = False,
+    settings: SettingsOption = None,
+    skip_invalid: SkipInvalidOption = False,
     eval_batch_size: Annotated[int, typer.Option(help="Prompts per evaluation forward.")] = 64,
-    allow_download: Annotated[
-        bool, typer.Option(help="Let --model fetch weights from the Hugging Face Hub.")
-    ] = False,
+    allow_download: DownloadOption = False,
 ) -> None:
     """Run the lifelong protocol: N edits in batches of B, evaluated on the final model."""
     try:
@@ -113,10 +135,7 @@ def bench(
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         methods = list(dict.fromkeys(method))
         for name in methods:
-            if name not in METHODS:
-                raise UnknownMethodError(
-                    f"unknown method '{name}'; available: {', '.join(METHODS)}"
-                )
+            method_class(name)
         per_method = _settings_per_method(methods, settings or [])
         dataset = load_edit_dataset(
             data, split, limit=edits, offset=offset, seed=shuffle, skip_invalid=skip_invalid
@@ -189,3 +208,165 @@ def data_list() -> None:
             records = str(info.records)
         table.add_row(info.name, info.split, records, status, str(info.path))
     console.print(table)
+
+
+def _existing_journal(path: Path) -> Journal:
+    if not path.is_file():
+        raise FileNotFoundError(f"no journal at {path}")
+    return Journal(path)
+
+
+def _open_journaled(
+    journal: Path,
+    method: str,
+    model: str | None,
+    device: str,
+    dtype: str,
+    settings: list[str] | None,
+    allow_download: bool,
+) -> JournaledModel:
+    """The base model brought to the journal's state, with an editor for new batches."""
+    overrides = parse_settings(method, settings or [])
+    handle = load_model(model, device=device, dtype=dtype, allow_download=allow_download)
+    return JournaledModel(handle, Journal(journal), make_editor(method, handle, **overrides))
+
+
+@app.command()
+def edit(
+    file: Annotated[Path, typer.Argument(help="Edit requests in any supported format.")],
+    journal: JournalOption,
+    method: Annotated[str, typer.Option("--method", "-m", help="Editing method.")],
+    batch_size: Annotated[int, typer.Option(help="Edits per batch.")] = 10,
+    model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    settings: SettingsOption = None,
+    skip_invalid: SkipInvalidOption = False,
+    allow_download: DownloadOption = False,
+) -> None:
+    """Apply the edits in FILE batch by batch; each batch is journaled before the next."""
+    try:
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        requests = load_edit_dataset(str(file), skip_invalid=skip_invalid).requests
+        edited = _open_journaled(journal, method, model, device, dtype, settings, allow_download)
+        batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+        ) as progress:
+            for batch in progress.track(batches, description=f"{method}: editing"):
+                record = edited.apply(batch)
+                logger.info("batch %d applied (edits %s)", record.id, list(record.edit_ids))
+    except USER_ERRORS as error:
+        raise _fail(error) from error
+    console.print(f"{len(requests)} edits in {len(batches)} batches journaled in {journal}")
+
+
+@app.command()
+def history(journal: JournalOption) -> None:
+    """Every batch in the journal: status, method, edits."""
+    try:
+        batches = _existing_journal(journal).batches()
+    except USER_ERRORS as error:
+        raise _fail(error) from error
+    table = Table(title=str(journal))
+    for column in ("batch", "status", "method", "edits", "written", "model"):
+        table.add_column(column)
+    colours = {"applied": "green", "undone": "yellow", "failed": "red"}
+    for batch in batches:
+        written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at))
+        edit_ids = f"{batch.edit_ids[0]}-{batch.edit_ids[-1]}" if batch.edit_ids else "-"
+        status = f"[{colours[batch.status]}]{batch.status}[/]"
+        table.add_row(str(batch.id), status, batch.method, edit_ids, written, batch.model)
+    console.print(table)
+
+
+@app.command()
+def undo(
+    batch_id: Annotated[int, typer.Argument(help="The batch to undo (see `lledit history`).")],
+    journal: JournalOption,
+) -> None:
+    """Undo one applied batch; the model is rebuilt without it whenever it is next loaded."""
+    try:
+        record = _existing_journal(journal).set_status(batch_id, UNDONE)
+    except USER_ERRORS as error:
+        raise _fail(error) from error
+    console.print(f"batch {record.id} undone ({len(record.edit_ids)} edits)")
+
+
+@app.command()
+def export(
+    journal: JournalOption,
+    out: Annotated[Path, typer.Option(help="Folder for the edited model (Hugging Face format).")],
+    model: Annotated[
+        str | None, typer.Option(help="Base model; default: the one the journal was written for.")
+    ] = None,
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Write the edited model as a Hugging Face folder (safetensors) that needs no lledit."""
+    try:
+        opened = _existing_journal(journal)
+        if model is None:
+            written_for = {batch.model for batch in opened.batches()}
+            if len(written_for) != 1:
+                raise ValueError(
+                    f"the journal holds batches for {sorted(written_for) or 'no model'}; "
+                    "name the base model with --model"
+                )
+            (name,) = written_for
+            model = None if name == DEFAULT_MODEL else name
+        handle = load_model(model, dtype=dtype)
+        JournaledModel(handle, opened)
+        handle.model.save_pretrained(out)
+        handle.tokenizer.save_pretrained(out)
+    except USER_ERRORS as error:
+        raise _fail(error) from error
+    console.print(f"edited model written to {out}/")
+
+
+@app.command()
+def serve(
+    journal: JournalOption,
+    method: Annotated[str, typer.Option("--method", "-m", help="Editing method.")],
+    model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    settings: SettingsOption = None,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    token_file: Annotated[
+        Path | None, typer.Option(help="File holding the bearer token clients must send.")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Most edits in one POST.")] = 64,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1_000_000,
+    allow_download: DownloadOption = False,
+) -> None:
+    """Serve the journaled model over HTTP: edit, undo, generate, score."""
+    from lledit.server import serve as run_server
+
+    try:
+        token = None
+        if token_file is not None:
+            token = token_file.read_text().strip()
+            if not token:
+                raise ValueError(f"the token file {token_file} is empty")
+        edited = _open_journaled(journal, method, model, device, dtype, settings, allow_download)
+    except USER_ERRORS as error:
+        raise _fail(error) from error
+    run_server(
+        edited,
+        host=host,
+        port=port,
+        token=token,
+        max_batch_size=max_batch_size,
+        max_body_bytes=max_body_bytes,
+    )
+
+
+if __name__ == "__main__":
+    app()

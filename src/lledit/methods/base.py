@@ -45,38 +45,43 @@ class NoChange:
         return None
 
 
+def _added(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`weight + delta`, computed in float32 and stored in the weight's dtype.
+
+    Every application of a delta (editing, undo, replaying a journal) goes
+    through this one expression, so replaying the same deltas in the same
+    order gives the same weights bit for bit.
+    """
+    return (weight.float() + delta.to(weight.device).float()).to(weight.dtype)
+
+
 class WeightDelta:
     """Weight deltas added to some modules, undoable exactly.
 
     The weights as they were before the edit are kept. Undoing the latest edit
     restores them bit for bit; if the weights moved on since (a later edit that
-    is still applied), the delta that this edit actually added is subtracted.
+    is still applied), the delta that this edit added is subtracted.
     """
 
-    def __init__(self, handle: ModelHandle, before: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, handle: ModelHandle, before: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]
+    ) -> None:
         self._handle = handle
-        self._before = before
-        self._after = {name: handle.weight_of(name).detach().clone() for name in before}
+        self.before = before
+        self.deltas = deltas
+        """The (d_out, d_in) float32 delta added to each module's weight."""
         self._undone = False
-
-    @property
-    def deltas(self) -> dict[str, torch.Tensor]:
-        """What was added to each module's (d_out, d_in) weight, in float32."""
-        return {
-            name: self._after[name].float() - before.float()
-            for name, before in self._before.items()
-        }
 
     @torch.no_grad()
     def undo(self) -> None:
         if self._undone:
             raise RuntimeError("this edit was already undone")
-        for name, before in self._before.items():
+        for name, before in self.before.items():
             weight = self._handle.weight_of(name)
-            if torch.equal(weight, self._after[name]):
+            if torch.equal(weight, _added(before, self.deltas[name])):
                 weight.copy_(before)
             else:
-                weight.copy_(weight.float() - (self._after[name].float() - before.float()))
+                weight.copy_(_added(weight, -self.deltas[name]))
         self._undone = True
 
 
@@ -99,12 +104,7 @@ def apply_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor])
                 f"the update for '{name}' is not finite; the batch was rejected "
                 "and the model left unchanged"
             )
-    updated = {
-        name: (weights[name].float() + delta.to(weights[name].device).float()).to(
-            weights[name].dtype
-        )
-        for name, delta in deltas.items()
-    }
+    updated = {name: _added(weights[name], delta) for name, delta in deltas.items()}
     for name, value in updated.items():
         if not torch.isfinite(value).all():
             raise NonFiniteUpdateError(
@@ -114,4 +114,6 @@ def apply_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor])
     before = {name: weight.detach().clone() for name, weight in weights.items()}
     for name, value in updated.items():
         weights[name].copy_(value)
-    return WeightDelta(handle, before)
+    return WeightDelta(
+        handle, before, {name: delta.detach().float().clone() for name, delta in deltas.items()}
+    )

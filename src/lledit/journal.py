@@ -1,0 +1,383 @@
+"""A durable edit journal: every batch, its requests and its effect, in SQLite.
+
+The database (WAL mode, synchronous FULL) holds one row per batch and one per
+edit; each applied batch's weight deltas are a safetensors file in a folder
+beside it (`J.db` → `J.db.deltas/`). A batch is durable before it is reported
+as applied: the delta file is written and fsynced, then the rows are committed
+in one transaction. A crash before that commit leaves no row (at most an
+orphaned delta file, which nothing reads), so a batch is either fully in the
+journal or absent.
+
+The edited model is never stored: it is the base model plus the deltas of the
+applied batches, added in order. Replaying them gives the live weights bit for
+bit, because editing and replay add deltas through the same expression.
+
+Undoing batch k marks it undone and rebuilds the edited modules from the base
+weights with every other applied batch in order. Later batches keep the deltas
+they were computed with: they are not recomputed on a model that never had
+batch k, so undoing an old batch removes exactly its own delta, and later
+edits stay as they were written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lledit.data.request import EditRequest
+from lledit.methods.base import EditMethod, WeightDelta, apply_weight_deltas
+from lledit.model import ModelHandle
+
+APPLIED, UNDONE, FAILED = "applied", "undone", "failed"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    method TEXT NOT NULL,
+    method_config TEXT NOT NULL,
+    model TEXT NOT NULL,
+    base_sha256 TEXT,
+    delta_file TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edits (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches(id),
+    position INTEGER NOT NULL,
+    request TEXT NOT NULL
+);
+"""
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be used as asked (unknown batch, other model, missing file)."""
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    id: int
+    status: str
+    method: str
+    method_config: dict[str, Any]
+    model: str
+    base_sha256: str | None
+    delta_file: str | None
+    error: str | None
+    created_at: float
+    updated_at: float
+    edit_ids: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "edit_ids": list(self.edit_ids)}
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    id: int
+    batch_id: int
+    status: str
+    request: EditRequest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "batch_id": self.batch_id,
+            "status": self.status,
+            "request": self.request.to_dict(),
+        }
+
+
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """A hash of named weights: identifies the base model a batch was computed on."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class Journal:
+    """The SQLite journal of one edited model. Safe to share between threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.delta_dir = self.path.with_name(self.path.name + ".deltas")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.delta_dir.mkdir(exist_ok=True)
+        # One connection shared by threads; the lock keeps a reader from running
+        # inside another thread's open transaction.
+        self._lock = threading.RLock()
+        self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=FULL")
+        self._connection.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def record(
+        self,
+        requests: Sequence[EditRequest],
+        *,
+        method: str,
+        method_config: dict[str, Any],
+        model: str,
+        base_sha256: str | None = None,
+        deltas: dict[str, torch.Tensor] | None = None,
+        status: str = APPLIED,
+        error: str | None = None,
+    ) -> BatchRecord:
+        """Write a batch durably; returns once it is committed to disk."""
+        now = time.time()
+        with self._lock:
+            cursor = self._connection.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                cursor.execute(
+                    "INSERT INTO batches (status, method, method_config, model, base_sha256, "
+                    "error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        status,
+                        method,
+                        json.dumps(method_config),
+                        model,
+                        base_sha256,
+                        error,
+                        now,
+                        now,
+                    ),
+                )
+                batch_id = cursor.lastrowid
+                cursor.executemany(
+                    "INSERT INTO edits (batch_id, position, request) VALUES (?, ?, ?)",
+                    [
+                        (batch_id, position, json.dumps(request.to_dict()))
+                        for position, request in enumerate(requests)
+                    ],
+                )
+                if deltas:
+                    delta_file = f"batch-{batch_id:08d}.safetensors"
+                    self._write_deltas(delta_file, deltas)
+                    cursor.execute(
+                        "UPDATE batches SET delta_file = ? WHERE id = ?", (delta_file, batch_id)
+                    )
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        return self.batch(batch_id)
+
+    def _write_deltas(self, file_name: str, deltas: dict[str, torch.Tensor]) -> None:
+        final = self.delta_dir / file_name
+        partial = final.with_suffix(".partial")
+        save_file(
+            {name: delta.detach().cpu().contiguous() for name, delta in deltas.items()},
+            str(partial),
+        )
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, final)
+        _fsync_directory(self.delta_dir)
+
+    def deltas(self, batch: BatchRecord) -> dict[str, torch.Tensor]:
+        if batch.delta_file is None:
+            return {}
+        path = self.delta_dir / batch.delta_file
+        if not path.is_file():
+            raise JournalError(f"batch {batch.id}: its delta file {path} is missing")
+        return load_file(str(path))
+
+    def set_status(self, batch_id: int, status: str) -> BatchRecord:
+        batch = self.batch(batch_id)
+        if batch.status != APPLIED:
+            raise JournalError(f"batch {batch_id} is {batch.status}, not applied")
+        with self._lock:
+            self._connection.execute(
+                "UPDATE batches SET status = ?, updated_at = ? WHERE id = ?",
+                (status, time.time(), batch_id),
+            )
+        return self.batch(batch_id)
+
+    def batch(self, batch_id: int) -> BatchRecord:
+        found = self.batches(batch_id=batch_id)
+        if not found:
+            raise JournalError(f"no batch {batch_id} in {self.path}")
+        return found[0]
+
+    def batches(
+        self, *, status: str | None = None, batch_id: int | None = None
+    ) -> list[BatchRecord]:
+        query = (
+            "SELECT b.id, b.status, b.method, b.method_config, b.model, b.base_sha256, "
+            "b.delta_file, b.error, b.created_at, b.updated_at, group_concat(e.id) "
+            "FROM batches b LEFT JOIN edits e ON e.batch_id = b.id"
+        )
+        conditions, values = [], []
+        if status is not None:
+            conditions.append("b.status = ?")
+            values.append(status)
+        if batch_id is not None:
+            conditions.append("b.id = ?")
+            values.append(batch_id)
+        if conditions:
+            query += " WHERE " + " AND ".join(conditions)
+        query += " GROUP BY b.id ORDER BY b.id"
+        with self._lock:
+            rows = self._connection.execute(query, values).fetchall()
+        return [
+            BatchRecord(
+                id=row[0],
+                status=row[1],
+                method=row[2],
+                method_config=json.loads(row[3]),
+                model=row[4],
+                base_sha256=row[5],
+                delta_file=row[6],
+                error=row[7],
+                created_at=row[8],
+                updated_at=row[9],
+                edit_ids=tuple(sorted(int(i) for i in row[10].split(","))) if row[10] else (),
+            )
+            for row in rows
+        ]
+
+    def edits(self, *, edit_id: int | None = None) -> list[EditRecord]:
+        query = (
+            "SELECT e.id, e.batch_id, b.status, e.request FROM edits e "
+            "JOIN batches b ON b.id = e.batch_id"
+        )
+        values: list[Any] = []
+        if edit_id is not None:
+            query += " WHERE e.id = ?"
+            values.append(edit_id)
+        query += " ORDER BY e.id"
+        with self._lock:
+            rows = self._connection.execute(query, values).fetchall()
+        return [
+            EditRecord(row[0], row[1], row[2], EditRequest.from_dict(json.loads(row[3])))
+            for row in rows
+        ]
+
+    def edit(self, edit_id: int) -> EditRecord:
+        found = self.edits(edit_id=edit_id)
+        if not found:
+            raise JournalError(f"no edit {edit_id} in {self.path}")
+        return found[0]
+
+
+class JournaledModel:
+    """A model whose every edit batch goes through the journal.
+
+    On construction the model (freshly loaded, unedited) is brought to the
+    journal's state by replaying the applied batches; nothing is recomputed.
+    Without an editor it can replay and undo but not edit (export, history).
+    """
+
+    def __init__(
+        self, handle: ModelHandle, journal: Journal, editor: EditMethod | None = None
+    ) -> None:
+        self.handle = handle
+        self.journal = journal
+        self.editor = editor
+        self._base: dict[str, torch.Tensor] = {}
+        self._base_hashes: dict[tuple[str, ...], str] = {}
+        self.rebuild()
+
+    def _base_sha256(self, names) -> str:
+        key = tuple(sorted(names))
+        if key not in self._base_hashes:
+            self._base_hashes[key] = weights_sha256({name: self._base[name] for name in key})
+        return self._base_hashes[key]
+
+    def _remember_base(self, names) -> None:
+        for name in names:
+            if name not in self._base:
+                self._base[name] = self.handle.weight_of(name).detach().clone()
+
+    @torch.no_grad()
+    def rebuild(self) -> None:
+        """Set the edited modules to base weights plus every applied batch, in order."""
+        for name, base in self._base.items():
+            self.handle.weight_of(name).copy_(base)
+        for batch in self.journal.batches(status=APPLIED):
+            if batch.model != self.handle.name:
+                raise JournalError(
+                    f"batch {batch.id} was written for model '{batch.model}', "
+                    f"not '{self.handle.name}'"
+                )
+            deltas = self.journal.deltas(batch)
+            self._remember_base(deltas)
+            if self._base_sha256(deltas) != batch.base_sha256:
+                raise JournalError(
+                    f"batch {batch.id}: the base weights of {sorted(deltas)} differ from those "
+                    "the batch was computed on (another model or another revision)"
+                )
+            apply_weight_deltas(self.handle, deltas)
+
+    def apply(self, requests: Sequence[EditRequest]) -> BatchRecord:
+        """Edit the model and journal the batch; on any failure the model is unchanged.
+
+        A batch the method rejects (for instance a non-finite update) is
+        journaled as failed and the error is raised again.
+        """
+        if self.editor is None:
+            raise JournalError("this model was opened for replay only; it has no editing method")
+        config = self.editor.config_dict()
+        try:
+            applied = self.editor.apply(requests)
+        except Exception as error:
+            self.journal.record(
+                requests,
+                method=self.editor.name,
+                method_config=config,
+                model=self.handle.name,
+                status=FAILED,
+                error=f"{type(error).__name__}: {error}",
+            )
+            raise
+        deltas = applied.deltas if isinstance(applied, WeightDelta) else {}
+        try:
+            if isinstance(applied, WeightDelta):
+                for name, before in applied.before.items():
+                    self._base.setdefault(name, before)
+            base_sha256 = self._base_sha256(deltas)
+            return self.journal.record(
+                requests,
+                method=self.editor.name,
+                method_config=config,
+                model=self.handle.name,
+                base_sha256=base_sha256,
+                deltas=deltas,
+            )
+        except BaseException:
+            applied.undo()
+            raise
+
+    def undo(self, batch_id: int) -> BatchRecord:
+        record = self.journal.set_status(batch_id, UNDONE)
+        self.rebuild()
+        return record

@@ -1,0 +1,169 @@
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from lledit import EditRequest
+from lledit.cli import app
+from lledit.journal import APPLIED, FAILED, UNDONE, Journal, JournaledModel, JournalError
+from lledit.methods import NonFiniteUpdateError, make_editor
+from lledit.model import ModelHandle, load_model
+
+FT = {"steps": 3, "lr": 0.05, "norm_bound": 0.5}
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def fresh(request, tokenizer):
+    """A factory of identical, unedited tiny models (a restart loads the same base)."""
+    return lambda: ModelHandle(
+        make_tiny_model(request.param, len(tokenizer)), tokenizer, f"tiny-{request.param}"
+    )
+
+
+def weights(handle):
+    return {name: value.clone() for name, value in handle.model.state_dict().items()}
+
+
+def assert_same(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def open_model(handle, path, editor=True):
+    return JournaledModel(
+        handle, Journal(path), make_editor("ft", handle, **FT) if editor else None
+    )
+
+
+def test_restart_rebuilds_the_exact_weights(fresh, requests_small, tmp_path):
+    live = open_model(fresh(), tmp_path / "j.db")
+    first = live.apply(requests_small[:2])
+    second = live.apply(requests_small[2:])
+    assert (first.status, second.status) == (APPLIED, APPLIED)
+    assert first.edit_ids == (1, 2) and second.edit_ids == (3,)
+    assert (tmp_path / "j.db.deltas" / first.delta_file).is_file()
+    restarted = open_model(fresh(), tmp_path / "j.db", editor=False)
+    assert_same(weights(restarted.handle), weights(live.handle))
+    edits = restarted.journal.edits()
+    assert [e.request for e in edits] == requests_small
+
+
+def test_undo_of_an_old_batch_removes_only_its_delta(fresh, requests_small, tmp_path):
+    base = weights(fresh())
+    live = open_model(fresh(), tmp_path / "j.db")
+    first = live.apply(requests_small[:1])
+    second = live.apply(requests_small[1:])
+    live.undo(first.id)
+    assert live.journal.batch(first.id).status == UNDONE
+    changed = live.editor.module_name + ".weight"
+    expected = dict(base)
+    delta = live.journal.deltas(second)[live.editor.module_name]
+    module_weight = fresh().weight_of(live.editor.module_name)
+    expected_weight = (module_weight.float() + delta).to(module_weight.dtype)
+    live_weight = live.handle.weight_of(live.editor.module_name)
+    assert torch.equal(live_weight, expected_weight)
+    current = weights(live.handle)
+    for name in base:
+        if name != changed:
+            assert torch.equal(current[name], expected[name]), name
+    restarted = open_model(fresh(), tmp_path / "j.db", editor=False)
+    assert_same(weights(restarted.handle), current)
+    live.undo(second.id)
+    assert_same(weights(live.handle), base)
+    with pytest.raises(JournalError, match="is undone, not applied"):
+        live.undo(second.id)
+    with pytest.raises(JournalError, match="no batch 99"):
+        live.undo(99)
+
+
+def test_failed_batch_is_journaled_and_changes_nothing(fresh, requests_small, tmp_path):
+    live = open_model(fresh(), tmp_path / "j.db")
+    before = weights(live.handle)
+    poison = live.handle.module(live.editor.module_name).register_forward_hook(
+        lambda module, inputs, output: output * float("nan")
+    )
+    try:
+        with pytest.raises(NonFiniteUpdateError):
+            live.apply(requests_small)
+    finally:
+        poison.remove()
+    assert_same(weights(live.handle), before)
+    (failed,) = live.journal.batches()
+    assert failed.status == FAILED and "NonFiniteUpdateError" in failed.error
+    assert failed.delta_file is None and len(failed.edit_ids) == 3
+
+
+def test_journal_refuses_another_base_model(fresh, tokenizer, requests_small, tmp_path):
+    live = open_model(fresh(), tmp_path / "j.db")
+    live.apply(requests_small[:1])
+    other = fresh()
+    with torch.no_grad():
+        other.weight_of(live.editor.module_name).add_(1.0)
+    with pytest.raises(JournalError, match="base weights"):
+        open_model(other, tmp_path / "j.db")
+    renamed = fresh()
+    renamed.name = "something-else"
+    with pytest.raises(JournalError, match="was written for model"):
+        open_model(renamed, tmp_path / "j.db")
+
+
+def test_replay_only_model_cannot_edit(fresh, requests_small, tmp_path):
+    replay = open_model(fresh(), tmp_path / "j.db", editor=False)
+    with pytest.raises(JournalError, match="replay only"):
+        replay.apply(requests_small)
+
+
+def test_cli_edit_history_undo_export_round_trip(fresh, requests_small, tmp_path):
+    handle = fresh()
+    model_dir = tmp_path / "model"
+    handle.model.save_pretrained(model_dir)
+    handle.tokenizer.save_pretrained(model_dir)
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in requests_small))
+    journal = tmp_path / "j.db"
+    runner = CliRunner()
+    common = ["--journal", str(journal)]
+    result = runner.invoke(
+        app,
+        ["edit", str(edits), *common, "--method", "ft", "--model", str(model_dir),
+         "--batch-size", "2", "--set", "steps=3", "--set", "lr=0.05", "--set", "norm_bound=0.5"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [b.status for b in Journal(journal).batches()] == [APPLIED, APPLIED]
+
+    result = runner.invoke(app, ["history", *common], terminal_width=200)
+    assert result.exit_code == 0 and "applied" in result.output
+
+    result = runner.invoke(app, ["undo", "1", *common])
+    assert result.exit_code == 0, result.output
+    assert [b.status for b in Journal(journal).batches()] == [UNDONE, APPLIED]
+
+    out = tmp_path / "exported"
+    result = runner.invoke(app, ["export", *common, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    replayed = JournaledModel(load_model(str(model_dir)), Journal(journal))
+    replayed_weights = weights(replayed.handle)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, replayed_weights[name]), name
+    assert not torch.equal(
+        replayed.handle.weight_of(replayed.handle.layer_module(2, replayed.handle.arch.mlp_out)),
+        fresh().weight_of(replayed.handle.layer_module(2, replayed.handle.arch.mlp_out)),
+    )
+
+    result = runner.invoke(app, ["undo", "7", *common])
+    assert result.exit_code == 2 and "no batch 7" in result.output
+    result = runner.invoke(app, ["history", "--journal", str(tmp_path / "none.db")])
+    assert result.exit_code == 2 and "no journal at" in result.output
+
+
+def test_edit_requests_round_trip_through_the_journal(tmp_path):
+    journal = Journal(tmp_path / "j.db")
+    request = EditRequest("p", "t", rephrases=["r"], locality=[("l", "a")], id="x")
+    record = journal.record([request], method="none", method_config={}, model="m")
+    assert journal.edit(record.edit_ids[0]).request == request
+    assert journal.edit(record.edit_ids[0]).to_dict()["request"]["id"] == "x"
