@@ -349,6 +349,7 @@ def serve(
     """Serve the journaled model over HTTP: edit, undo, generate, score."""
     from lledit.server import serve as run_server
 
+    logging.getLogger("lledit.server").setLevel(logging.INFO)  # say where it listens
     try:
         token = None
         if token_file is not None:
