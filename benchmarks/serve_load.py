@@ -73,12 +73,14 @@ def start_service(arguments: argparse.Namespace, journal: Path) -> tuple[subproc
     command += ["--model", arguments.model] if arguments.model else []
     for setting in arguments.settings:
         command += ["--set", setting]
-    server = subprocess.Popen(command)
+    log = journal.with_name("service.log")
+    with log.open("w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     base_url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            sys.exit(f"the service exited with code {server.returncode}")
+            sys.exit(f"the service exited with code {server.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(f"{base_url}/v1/health", timeout=5).status_code == 200:
                 return server, base_url

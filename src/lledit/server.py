@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lledit import __version__
 from lledit.data.request import MAX_PROMPT_CHARS, MAX_TARGET_CHARS, EditRequest, InvalidEditError
 from lledit.eval.scoring import score_pairs
-from lledit.journal import APPLIED, JournaledModel, JournalError
+from lledit.journal import APPLIED, BatchRecord, JournaledModel, JournalError
 from lledit.methods.base import NonFiniteUpdateError
 from lledit.model import ModelHandle
 from lledit.tokens import join
@@ -133,20 +133,6 @@ class EditOut(BaseModel):
 
 class EditList(BaseModel):
     edits: list[EditOut]
-
-
-class BatchOut(BaseModel):
-    id: int
-    status: str
-    method: str
-    method_config: dict[str, Any]
-    model: str
-    base_sha256: str | None
-    delta_file: str | None
-    error: str | None
-    created_at: float
-    updated_at: float
-    edit_ids: list[int]
 
 
 class GenerateIn(BaseModel):
@@ -390,7 +376,7 @@ def create_app(
         except JournalError as error:
             raise HTTPException(404, detail=f"no edit {edit_id}") from error
 
-    @guarded.delete("/v1/batches/{batch_id}", response_model=BatchOut)
+    @guarded.delete("/v1/batches/{batch_id}", response_model=BatchRecord)
     def undo_batch(batch_id: int) -> dict[str, Any]:
         """Undo one applied batch; the other applied batches keep their deltas."""
         with lock.write():
