@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lledit.data.request import EditRequest
-from lledit.methods.base import EditMethod, WeightDelta, apply_weight_deltas
+from lledit.methods.base import EditMethod, WeightDelta, add_weight_deltas
 from lledit.model import ModelHandle
 
 APPLIED, UNDONE, FAILED = "applied", "undone", "failed"
@@ -336,7 +336,7 @@ class JournaledModel:
                     f"batch {batch.id}: the base weights of {sorted(deltas)} differ from those "
                     "the batch was computed on (another model or another revision)"
                 )
-            apply_weight_deltas(self.handle, deltas)
+            add_weight_deltas(self.handle, deltas)
 
     def apply(self, requests: Sequence[EditRequest]) -> BatchRecord:
         """Edit the model and journal the batch; on any failure the model is unchanged.

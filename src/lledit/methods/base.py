@@ -86,11 +86,12 @@ class WeightDelta:
 
 
 @torch.no_grad()
-def apply_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> WeightDelta:
+def add_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> None:
     """Add each (d_out, d_in) delta to its module's weight, all or nothing.
 
     Shapes and finiteness are checked for every delta before any weight is
-    touched, so a rejected update leaves the model exactly as it was.
+    touched, so a rejected update leaves the model exactly as it was. Keeps no
+    undo record: replaying a journal needs none.
     """
     weights = {name: handle.weight_of(name) for name in deltas}
     for name, delta in deltas.items():
@@ -111,9 +112,14 @@ def apply_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor])
                 f"adding the update to '{name}' overflows {value.dtype}; "
                 "the batch was rejected and the model left unchanged"
             )
-    before = {name: weight.detach().clone() for name, weight in weights.items()}
     for name, value in updated.items():
         weights[name].copy_(value)
+
+
+def apply_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> WeightDelta:
+    """`add_weight_deltas`, returning the record that undoes it exactly."""
+    before = {name: handle.weight_of(name).detach().clone() for name in deltas}
+    add_weight_deltas(handle, deltas)
     return WeightDelta(
         handle, before, {name: delta.detach().float().clone() for name, delta in deltas.items()}
     )
