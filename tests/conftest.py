@@ -68,6 +68,19 @@ def make_tiny_model(arch: str, vocab_size: int, dtype: torch.dtype = torch.float
     return model.to(dtype)
 
 
+def snapshot(handle: ModelHandle) -> dict[str, torch.Tensor]:
+    """A copy of every weight, to compare with after editing or undoing."""
+    return {name: value.clone() for name, value in handle.model.state_dict().items()}
+
+
+def assert_weights_equal(handle: ModelHandle, expected: dict[str, torch.Tensor]) -> None:
+    """Bit-for-bit equality of every weight with a snapshot."""
+    current = handle.model.state_dict()
+    assert current.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(current[name], value), name
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_weights_equal, snapshot
 
 from lledit import EditRequest, evaluate, load_dataset, load_model, make_editor
 from lledit.eval.scoring import score_pairs
@@ -20,7 +21,7 @@ def test_default_model_loads_and_knows_a_fact(default_handle):
 
 def test_ft_writes_ten_builtin_edits_and_undo_restores_weights(default_handle):
     requests = load_dataset("builtin", "eval", limit=10).requests
-    before = {name: value.clone() for name, value in default_handle.model.state_dict().items()}
+    before = snapshot(default_handle)
     editor = make_editor("ft", default_handle)
     applied = editor.apply(requests)
     try:
@@ -28,8 +29,7 @@ def test_ft_writes_ten_builtin_edits_and_undo_restores_weights(default_handle):
         assert averages["efficacy"] >= 0.9
     finally:
         applied.undo()
-    for name, value in default_handle.model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    assert_weights_equal(default_handle, before)
 
 
 def test_left_and_right_padding_agree_on_the_real_model(default_handle):
@@ -45,13 +45,12 @@ def test_left_and_right_padding_agree_on_the_real_model(default_handle):
 def test_bfloat16_edit_and_exact_undo():
     handle = load_model(dtype="bfloat16")
     requests = load_dataset("builtin", "eval", offset=10, limit=10).requests
-    before = {name: value.clone() for name, value in handle.model.state_dict().items()}
+    before = snapshot(handle)
     efficacy_before = evaluate(handle, requests)[0]["efficacy"]
     applied = make_editor("ft", handle).apply(requests)
     assert evaluate(handle, requests)[0]["efficacy"] >= efficacy_before + 0.5
     applied.undo()
-    for name, value in handle.model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    assert_weights_equal(handle, before)
 
 
 def test_default_model_cache_is_written_once_and_reloads_identically(monkeypatch, tmp_path):
@@ -64,5 +63,4 @@ def test_default_model_cache_is_written_once_and_reloads_identically(monkeypatch
     written = (cache / "model.safetensors").stat().st_mtime_ns
     second = load_model()
     assert (cache / "model.safetensors").stat().st_mtime_ns == written
-    for name, value in first.model.state_dict().items():
-        assert torch.equal(value, second.model.state_dict()[name]), name
+    assert_weights_equal(second, snapshot(first))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import assert_weights_equal, make_tiny_model, snapshot
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -23,16 +23,6 @@ def fresh(request, tokenizer):
     )
 
 
-def weights(handle):
-    return {name: value.clone() for name, value in handle.model.state_dict().items()}
-
-
-def assert_same(first, second):
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
-
-
 def open_model(handle, path, editor=True):
     return JournaledModel(
         handle, Journal(path), make_editor("ft", handle, **FT) if editor else None
@@ -47,13 +37,13 @@ def test_restart_rebuilds_the_exact_weights(fresh, requests_small, tmp_path):
     assert first.edit_ids == (1, 2) and second.edit_ids == (3,)
     assert (tmp_path / "j.db.deltas" / first.delta_file).is_file()
     restarted = open_model(fresh(), tmp_path / "j.db", editor=False)
-    assert_same(weights(restarted.handle), weights(live.handle))
+    assert_weights_equal(restarted.handle, snapshot(live.handle))
     edits = restarted.journal.edits()
     assert [e.request for e in edits] == requests_small
 
 
 def test_undo_of_an_old_batch_removes_only_its_delta(fresh, requests_small, tmp_path):
-    base = weights(fresh())
+    base = snapshot(fresh())
     live = open_model(fresh(), tmp_path / "j.db")
     first = live.apply(requests_small[:1])
     second = live.apply(requests_small[1:])
@@ -62,12 +52,12 @@ def test_undo_of_an_old_batch_removes_only_its_delta(fresh, requests_small, tmp_
     # What is left is the base model plus the second batch's delta alone.
     only_second = fresh()
     apply_weight_deltas(only_second, live.journal.deltas(second))
-    current = weights(live.handle)
-    assert_same(current, weights(only_second))
+    current = snapshot(live.handle)
+    assert_weights_equal(only_second, current)
     restarted = open_model(fresh(), tmp_path / "j.db", editor=False)
-    assert_same(weights(restarted.handle), current)
+    assert_weights_equal(restarted.handle, current)
     live.undo(second.id)
-    assert_same(weights(live.handle), base)
+    assert_weights_equal(live.handle, base)
     with pytest.raises(JournalError, match="is undone, not applied"):
         live.undo(second.id)
     with pytest.raises(JournalError, match="no batch 99"):
@@ -76,7 +66,7 @@ def test_undo_of_an_old_batch_removes_only_its_delta(fresh, requests_small, tmp_
 
 def test_failed_batch_is_journaled_and_changes_nothing(fresh, requests_small, tmp_path):
     live = open_model(fresh(), tmp_path / "j.db")
-    before = weights(live.handle)
+    before = snapshot(live.handle)
     poison = live.handle.module(live.editor.module_name).register_forward_hook(
         lambda module, inputs, output: output * float("nan")
     )
@@ -85,7 +75,7 @@ def test_failed_batch_is_journaled_and_changes_nothing(fresh, requests_small, tm
             live.apply(requests_small)
     finally:
         poison.remove()
-    assert_same(weights(live.handle), before)
+    assert_weights_equal(live.handle, before)
     (failed,) = live.journal.batches()
     assert failed.status == FAILED and "NonFiniteUpdateError" in failed.error
     assert failed.delta_file is None and len(failed.edit_ids) == 3
@@ -141,7 +131,7 @@ def test_cli_edit_history_undo_export_round_trip(fresh, requests_small, tmp_path
     assert result.exit_code == 0, result.output
     plain = AutoModelForCausalLM.from_pretrained(out)
     replayed = JournaledModel(load_model(str(model_dir)), Journal(journal))
-    replayed_weights = weights(replayed.handle)
+    replayed_weights = snapshot(replayed.handle)
     for name, value in plain.state_dict().items():
         assert torch.equal(value, replayed_weights[name]), name
     assert not torch.equal(

@@ -1,18 +1,10 @@
 import pytest
 import torch
+from conftest import assert_weights_equal, snapshot
 
 from lledit import METHODS, EditRequest, make_editor
 from lledit.eval import evaluate
 from lledit.methods import NonFiniteUpdateError, apply_weight_deltas, parse_settings
-
-
-def snapshot(handle):
-    return {name: value.clone() for name, value in handle.model.state_dict().items()}
-
-
-def assert_same(handle, before):
-    for name, value in handle.model.state_dict().items():
-        assert torch.equal(value, before[name]), name
 
 
 def test_registry_lists_none_and_ft():
@@ -34,7 +26,7 @@ def test_ft_edits_one_module_and_undo_restores_bit_for_bit(tiny, requests_small,
     bound = applied.deltas[editor.module_name].abs().max()
     assert bound <= 0.5 * 1.01 + (0.02 if dtype == torch.bfloat16 else 0)
     applied.undo()
-    assert_same(tiny, before)
+    assert_weights_equal(tiny, before)
     with pytest.raises(RuntimeError, match="already undone"):
         applied.undo()
 
@@ -62,16 +54,16 @@ def test_non_finite_update_is_rejected_and_model_unchanged(tiny, requests_small)
             editor.apply(requests_small)
     finally:
         poison.remove()
-    assert_same(tiny, before)
+    assert_weights_equal(tiny, before)
     first, second = tiny.layer_module(0, tiny.arch.mlp_out), tiny.layer_module(1, tiny.arch.mlp_out)
     good = torch.ones_like(tiny.weight_of(first))
     bad = torch.full_like(tiny.weight_of(second), float("inf"))
     with pytest.raises(NonFiniteUpdateError):
         apply_weight_deltas(tiny, {first: good, second: bad})
-    assert_same(tiny, before)
+    assert_weights_equal(tiny, before)
     with pytest.raises(ValueError, match="shape"):
         apply_weight_deltas(tiny, {first: good.T})
-    assert_same(tiny, before)
+    assert_weights_equal(tiny, before)
 
 
 def test_empty_batch_is_an_error(tiny):
@@ -83,7 +75,7 @@ def test_empty_batch_is_an_error(tiny):
 def test_none_changes_nothing(tiny, requests_small):
     before = snapshot(tiny)
     make_editor("none", tiny).apply(requests_small).undo()
-    assert_same(tiny, before)
+    assert_weights_equal(tiny, before)
 
 
 def test_ft_config_checks_and_settings_parsing(tiny):

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import assert_weights_equal, snapshot
 from fastapi.testclient import TestClient
 
 from lledit import EditRequest
@@ -50,17 +51,6 @@ def client(edited):
     app = create_app(edited, max_batch_size=MAX_BATCH_SIZE, max_body_bytes=MAX_BODY_BYTES)
     with TestClient(app) as client:
         yield client
-
-
-def snapshot(edited: JournaledModel) -> dict[str, torch.Tensor]:
-    return {name: value.clone() for name, value in edited.handle.model.state_dict().items()}
-
-
-def assert_weights_equal(edited: JournaledModel, expected: dict[str, torch.Tensor]) -> None:
-    current = edited.handle.model.state_dict()
-    assert current.keys() == expected.keys()
-    for name, value in expected.items():
-        assert torch.equal(current[name], value), name
 
 
 def test_edit_is_journaled_listed_and_fetched(client, edited):
@@ -117,20 +107,20 @@ def test_generate_and_score(client, edited):
 
 
 def test_undo_restores_the_exact_weights(client, edited):
-    original = snapshot(edited)
+    original = snapshot(edited.handle)
     first = client.post("/v1/edits", json={"edits": EDITS}).json()
-    after_first = snapshot(edited)
+    after_first = snapshot(edited.handle)
     second = client.post("/v1/edits", json={"edits": OTHER_EDITS}).json()
-    assert any(not torch.equal(after_first[n], v) for n, v in snapshot(edited).items())
+    assert any(not torch.equal(after_first[n], v) for n, v in snapshot(edited.handle).items())
 
     response = client.delete(f"/v1/batches/{second['batch_id']}")
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "undone"
     assert response.json()["edit_ids"] == second["edit_ids"]
-    assert_weights_equal(edited, after_first)
+    assert_weights_equal(edited.handle, after_first)
 
     assert client.delete(f"/v1/batches/{first['batch_id']}").status_code == 200
-    assert_weights_equal(edited, original)
+    assert_weights_equal(edited.handle, original)
     assert [b.status for b in edited.journal.batches()] == [UNDONE, UNDONE]
     assert client.get(f"/v1/edits/{first['edit_ids'][0]}").json()["status"] == "undone"
     assert client.get("/v1/health").json()["batches_applied"] == 0
@@ -190,7 +180,7 @@ REJECTED_EDITS = [
 @pytest.mark.parametrize(("body", "code", "message"), REJECTED_EDITS)
 def test_rejected_edits_leave_journal_and_model_unchanged(client, edited, body, code, message):
     client.post("/v1/edits", json={"edits": OTHER_EDITS})
-    before, weights = edited.journal.batches(), snapshot(edited)
+    before, weights = edited.journal.batches(), snapshot(edited.handle)
     if isinstance(body, bytes):
         headers = {"Content-Type": "application/json"}
         response = client.post("/v1/edits", content=body, headers=headers)
@@ -199,7 +189,7 @@ def test_rejected_edits_leave_journal_and_model_unchanged(client, edited, body, 
     assert response.status_code == code, response.text
     assert message in response.json()["detail"]
     assert edited.journal.batches() == before
-    assert_weights_equal(edited, weights)
+    assert_weights_equal(edited.handle, weights)
 
 
 def test_oversized_body_without_content_length_is_refused(client, edited):
@@ -242,7 +232,7 @@ def test_bad_read_requests_name_the_field(client, path, body, message):
     ("error", "code"), [(NonFiniteUpdateError("update is NaN"), 422), (RuntimeError("boom"), 500)]
 )
 def test_failed_method_is_journaled_and_reported(client, edited, monkeypatch, error, code):
-    weights = snapshot(edited)
+    weights = snapshot(edited.handle)
 
     def fail(batch):
         raise error
@@ -254,7 +244,7 @@ def test_failed_method_is_journaled_and_reported(client, edited, monkeypatch, er
     assert [(b.status, b.error) for b in edited.journal.batches()] == [
         (FAILED, f"{type(error).__name__}: {error}")
     ]
-    assert_weights_equal(edited, weights)
+    assert_weights_equal(edited.handle, weights)
     assert client.get("/v1/health").json()["batches_applied"] == 0
 
 
