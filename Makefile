@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lledit bench --method none --method ft --data builtin --edits 100 --batch-size 10 \
+	rm -rf runs/demo
+	$(BIN)/lledit train --method rledit --data builtin --out runs/demo/rledit-network \
+		--steps 100 --trajectory-length 10 --set validation_edits=20
+	$(BIN)/lledit bench --method none --method ft --method rledit \
+		--checkpoint runs/demo/rledit-network --data builtin --edits 100 --batch-size 10 \
 		--eval-every 2 --out runs/demo
 
 test: $(STAMP)

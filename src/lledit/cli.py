@@ -17,6 +17,7 @@ from rich.table import Table
 from lledit.data import DataFileError, InvalidEditError, UnknownDatasetError, list_datasets
 from lledit.data import load_dataset as load_edit_dataset
 from lledit.eval import console_table, markdown_table, plot_curves, run_lifelong
+from lledit.hypernet import CheckpointError
 from lledit.journal import UNDONE, Journal, JournaledModel, JournalError
 from lledit.methods import (
     METHODS,
@@ -26,6 +27,7 @@ from lledit.methods import (
     make_editor,
     method_class,
     parse_settings,
+    train_config_class,
 )
 from lledit.model import DEFAULT_MODEL, ModelLoadError, load_model
 
@@ -61,6 +63,7 @@ USER_ERRORS = (
     ModelLoadError,
     JournalError,
     NonFiniteUpdateError,
+    CheckpointError,
     FileNotFoundError,
     ValueError,
 )
@@ -125,6 +128,10 @@ def bench(
     settings: SettingsOption = None,
     skip_invalid: SkipInvalidOption = False,
     eval_batch_size: Annotated[int, typer.Option(help="Prompts per evaluation forward.")] = 64,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Trained network (from `lledit train`) for mend, malmen or rledit."),
+    ] = None,
     allow_download: DownloadOption = False,
 ) -> None:
     """Run the lifelong protocol: N edits in batches of B, evaluated on the final model."""
@@ -136,7 +143,16 @@ def bench(
         methods = list(dict.fromkeys(method))
         for name in methods:
             method_class(name)
-        per_method = _settings_per_method(methods, settings or [])
+        settings = list(settings or [])
+        if checkpoint is not None:
+            trained = [m for m in methods if "checkpoint" in {f for f, _, _ in config_fields(m)}]
+            if len(trained) != 1:
+                raise ValueError(
+                    f"--checkpoint needs exactly one trained method among {methods}; "
+                    "with several, give each its own: --set rledit.checkpoint=DIR"
+                )
+            settings.append(f"{trained[0]}.checkpoint={checkpoint}")
+        per_method = _settings_per_method(methods, settings)
         dataset = load_edit_dataset(
             data, split, limit=edits, offset=offset, seed=shuffle, skip_invalid=skip_invalid
         )
@@ -179,6 +195,63 @@ def bench(
     curve = plot_curves(results, out / "curve.png")
     console.print(console_table(results))
     console.print(f"results in {out}/" + (f" (curve: {curve.name})" if curve else ""))
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Option("--method", "-m", help="mend, malmen or rledit.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder (written, or read with --resume).")],
+    data: Annotated[str, typer.Option(help="Training dataset name or file.")] = "zsre",
+    split: Annotated[str, typer.Option(help="Split of a named dataset.")] = "train",
+    trajectory_length: Annotated[
+        int | None, typer.Option(help="T: batches edited in sequence per trajectory.")
+    ] = None,
+    backtrack_depth: Annotated[
+        int | None, typer.Option(help="D: recent batches judged after each edit.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Edits per batch.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N records.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    settings: SettingsOption = None,
+    skip_invalid: SkipInvalidOption = False,
+    allow_download: DownloadOption = False,
+) -> None:
+    """Train a hypernetwork editor; checkpoints and a validation report go to --out."""
+    from lledit.hypernet.training import HypernetTrainer
+
+    try:
+        config_class = train_config_class(method)
+        overrides = parse_settings(method, settings or [], config_class)
+        flags = {
+            "trajectory_length": trajectory_length,
+            "backtrack_depth": backtrack_depth,
+            "steps": steps,
+            "batch_size": batch_size,
+        }
+        overrides.update({key: value for key, value in flags.items() if value is not None})
+        config = config_class(**overrides)
+        if (out / "checkpoint.json").exists() and not resume:
+            raise ValueError(
+                f"{out} already holds a checkpoint; pass --resume or choose another --out"
+            )
+        dataset = load_edit_dataset(data, split, limit=limit, skip_invalid=skip_invalid)
+        handle = load_model(model, device=device, allow_download=allow_download)
+        trainer = HypernetTrainer(
+            handle, method_class(method), config, dataset.requests, out, dataset.to_dict()
+        )
+        if resume:
+            trainer.resume()
+        trainer.train()
+        report = trainer.validate()
+    except USER_ERRORS as error:
+        raise _fail(error) from error
+    if report:
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in report["metrics"].items())
+        console.print(f"validation on {report['n_edits']} held-out edits: {summary}")
+    console.print(f"checkpoint in {out}/ ({trainer.steps_done} steps, {trainer.elapsed_s:.0f} s)")
 
 
 @app.command("methods")

@@ -15,10 +15,15 @@ from lledit.methods.base import (
     apply_weight_deltas,
 )
 from lledit.methods.ft import FineTune, FTConfig
+from lledit.methods.malmen import MALMEN
+from lledit.methods.mend import MEND
 from lledit.methods.none import NoEdit
+from lledit.methods.rledit import RLEdit
 from lledit.model import ModelHandle
 
-METHODS: dict[str, type] = {method.name: method for method in (NoEdit, FineTune)}
+METHODS: dict[str, type] = {
+    method.name: method for method in (NoEdit, FineTune, MEND, MALMEN, RLEdit)
+}
 
 
 class UnknownMethodError(ValueError):
@@ -31,9 +36,9 @@ def method_class(name: str) -> type:
     return METHODS[name]
 
 
-def config_fields(name: str) -> list[tuple[str, Any, Any]]:
-    """(field name, type, default) of a method's config dataclass."""
-    config_class = method_class(name).config_class
+def config_fields(name: str, config_class: type | None = None) -> list[tuple[str, Any, Any]]:
+    """(field name, type, default) of a method's config dataclass (or of `config_class`)."""
+    config_class = config_class or method_class(name).config_class
     hints = typing.get_type_hints(config_class)
     return [(f.name, hints[f.name], f.default) for f in dataclasses.fields(config_class)]
 
@@ -66,9 +71,11 @@ def _check_setting(name: str, key: str, known: list[str]) -> None:
         )
 
 
-def parse_settings(name: str, settings: list[str]) -> dict[str, Any]:
-    """Read `key=value` strings against a method's config fields and their types."""
-    fields = {field_name: kind for field_name, kind, _ in config_fields(name)}
+def parse_settings(
+    name: str, settings: list[str], config_class: type | None = None
+) -> dict[str, Any]:
+    """Read `key=value` strings against a method's config fields (or `config_class`'s)."""
+    fields = {field_name: kind for field_name, kind, _ in config_fields(name, config_class)}
     parsed = {}
     for setting in settings:
         key, separator, text = setting.partition("=")
@@ -78,6 +85,17 @@ def parse_settings(name: str, settings: list[str]) -> dict[str, Any]:
         _check_setting(name, key, list(fields))
         parsed[key] = _parse_value(text.strip(), fields[key], key)
     return parsed
+
+
+def train_config_class(name: str) -> type:
+    """The training config dataclass of a method that is trained before it edits."""
+    method = method_class(name)
+    if not hasattr(method, "train_config_class"):
+        trained = [n for n, m in METHODS.items() if hasattr(m, "train_config_class")]
+        raise UnknownMethodError(
+            f"method '{name}' is not trained; methods that are: {', '.join(trained)}"
+        )
+    return method.train_config_class
 
 
 def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
@@ -90,6 +108,8 @@ def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
 
 
 __all__ = [
+    "MALMEN",
+    "MEND",
     "METHODS",
     "AppliedEdit",
     "EditMethod",
@@ -97,6 +117,7 @@ __all__ = [
     "FineTune",
     "NoEdit",
     "NonFiniteUpdateError",
+    "RLEdit",
     "UnknownMethodError",
     "WeightDelta",
     "apply_weight_deltas",
@@ -104,4 +125,5 @@ __all__ = [
     "make_editor",
     "method_class",
     "parse_settings",
+    "train_config_class",
 ]

@@ -1,0 +1,154 @@
+"""The hypernetwork: pseudo keys and pseudo gradients from captured (k, g) pairs.
+
+One small residual network per module shape serves every edited module of that
+shape; a per-module scale and shift in each block tell the modules apart. The
+inputs are normalised by per-module running statistics that are updated while
+training and frozen at edit time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lledit.hypernet.capture import Captured
+from lledit.hypernet.update import least_squares_update, mend_update, value_differences
+
+UPDATE_RULES = ("mend", "least_squares")
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """An edited module and its weight's (d_out, d_in) shape."""
+
+    name: str
+    d_out: int
+    d_in: int
+
+
+class RunningNormaliser(nn.Module):
+    """Per-module mean and standard deviation of the inputs, updated only in training mode.
+
+    The update is the exact parallel (Chan et al.) merge of batch statistics
+    and the variance is the unbiased one; in eval mode nothing moves, so the
+    same input always gives the same output at edit time.
+    """
+
+    def __init__(self, n_modules: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros(n_modules, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(n_modules, dim, dtype=torch.float64))
+        self.register_buffer("sum_squares", torch.zeros(n_modules, dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, index: int, values: torch.Tensor) -> None:
+        values = values.double()
+        count, batch_count = self.count[index], values.shape[0]
+        batch_mean = values.mean(dim=0)
+        total = count + batch_count
+        shift = batch_mean - self.mean[index]
+        self.mean[index] += shift * batch_count / total
+        self.sum_squares[index] += ((values - batch_mean) ** 2).sum(dim=0) + (
+            shift**2 * count * batch_count / total
+        )
+        self.count[index] = total
+
+    def forward(self, index: int, values: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update(index, values)
+        count = self.count[index]
+        if count < 2:
+            return values - self.mean[index].float()
+        std = (self.sum_squares[index] / (count - 1)).sqrt().float()
+        return (values - self.mean[index].float()) / (std + 1e-6)
+
+
+class ShapeNetwork(nn.Module):
+    """n residual blocks `y + scale[m] * (relu(y A + b) B) + shift[m]` of rank r.
+
+    A is random and B zero, so the network starts as the identity while B
+    still receives a gradient.
+    """
+
+    def __init__(self, dim: int, n_modules: int, rank: int, n_blocks: int) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(n_blocks, dim, rank) / dim**0.5)
+        self.bias = nn.Parameter(torch.zeros(n_blocks, rank))
+        self.up = nn.Parameter(torch.zeros(n_blocks, rank, dim))
+        self.scale = nn.Parameter(torch.ones(n_blocks, n_modules, dim))
+        self.shift = nn.Parameter(torch.zeros(n_blocks, n_modules, dim))
+        self.normaliser = RunningNormaliser(n_modules, dim)
+
+    def forward(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.normaliser(index, inputs)
+        for block in range(self.down.shape[0]):
+            low_rank = torch.relu(hidden @ self.down[block] + self.bias[block]) @ self.up[block]
+            hidden = hidden + self.scale[block, index] * low_rank + self.shift[block, index]
+        return hidden
+
+
+class Hypernetwork(nn.Module):
+    """Maps each edited module's captured (k, g) to a weight update.
+
+    `log_lr` (η) and `log_ridge` (λ) are learned per module.
+    """
+
+    def __init__(
+        self, modules: Sequence[ModuleShape], rank: int, n_blocks: int, update_rule: str
+    ) -> None:
+        super().__init__()
+        if update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {UPDATE_RULES}, not {update_rule!r}")
+        if rank < 1 or n_blocks < 1:
+            raise ValueError(f"rank and n_blocks must be at least 1, got {rank}, {n_blocks}")
+        self.modules_edited = list(modules)
+        self.update_rule = update_rule
+        shapes = list(dict.fromkeys(_shape_key(m) for m in self.modules_edited))
+        self._slot = {}
+        for shape in shapes:
+            members = [m.name for m in self.modules_edited if _shape_key(m) == shape]
+            self._slot.update({name: (shape, slot) for slot, name in enumerate(members)})
+        self.networks = nn.ModuleDict(
+            {
+                shape: ShapeNetwork(
+                    sum(map(int, shape.split("x"))),
+                    sum(1 for m in self.modules_edited if _shape_key(m) == shape),
+                    rank,
+                    n_blocks,
+                )
+                for shape in shapes
+            }
+        )
+        self.log_lr = nn.Parameter(torch.zeros(len(self.modules_edited)))
+        self.log_ridge = nn.Parameter(torch.zeros(len(self.modules_edited)))
+
+    @property
+    def module_names(self) -> list[str]:
+        return [m.name for m in self.modules_edited]
+
+    def pseudo(self, name: str, captured: Captured) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pseudo keys k̃ (tokens, d_in) and pseudo gradients g̃ (tokens, d_out)."""
+        shape, slot = self._slot[name]
+        inputs = torch.cat([captured.keys, captured.value_grads], dim=1)
+        outputs = self.networks[shape](slot, inputs)
+        d_in = captured.keys.shape[1]
+        return outputs[:, :d_in], outputs[:, d_in:]
+
+    def delta(self, name: str, captured: Captured) -> torch.Tensor:
+        """The (d_out, d_in) float32 update of module `name`."""
+        index = self.module_names.index(name)
+        pseudo_keys, pseudo_grads = self.pseudo(name, captured)
+        if self.update_rule == "mend":
+            return mend_update(pseudo_keys, pseudo_grads, self.log_lr[index])
+        values = value_differences(captured.keys, pseudo_keys, pseudo_grads, self.log_lr[index])
+        return least_squares_update(captured.keys, values, self.log_ridge[index])
+
+    def deltas(self, captured: dict[str, Captured]) -> dict[str, torch.Tensor]:
+        return {name: self.delta(name, captured[name]) for name in self.module_names}
+
+
+def _shape_key(module: ModuleShape) -> str:
+    return f"{module.d_in}x{module.d_out}"

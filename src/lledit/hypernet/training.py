@@ -1,0 +1,364 @@
+"""Training a hypernetwork editor: MEND and MALMEN one batch at a time, RLEdit on trajectories.
+
+One loop serves all three. A trajectory starts from the original model and
+applies T batches in sequence with the current network; after batch t the
+loss is, with backtracking depth D and decay μ,
+
+    Σ_{i<D} μ^i [CE(rephrases of batch t-i | W_t) + c_loc KL(W_{t-1} ‖ W_t on its locality prompts)]
+    + l2 ‖ΔW_t‖²,
+
+whose gradient reaches the network only through ΔW_t (earlier edits are the
+environment). MEND and MALMEN are the case T = D = 1: edit the original model,
+judge, revert. The D backtracking losses share one forward pass, and the
+optimizer may step every few batches inside a trajectory (`step_every`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lledit.data.request import EditRequest
+from lledit.eval.lifelong import run_lifelong
+from lledit.hypernet.capture import capture_gradients
+from lledit.hypernet.checkpoint import (
+    CheckpointError,
+    load_network,
+    load_optimizer,
+    read_meta,
+    save_checkpoint,
+)
+from lledit.hypernet.config import HypernetTrainConfig, edited_modules
+from lledit.hypernet.editor import HypernetEditor
+from lledit.hypernet.losses import (
+    LossBatch,
+    batch_tokens,
+    locality_log_probs,
+    weight_gradients,
+    weighted_loss,
+)
+from lledit.hypernet.network import Hypernetwork
+from lledit.methods.base import add_weight_deltas
+from lledit.model import ModelHandle
+from lledit.tokens import EncodedPair, encode_pairs
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_FILE = "validation.json"
+
+
+class _Examples:
+    """Training requests tokenised once, on first use."""
+
+    def __init__(
+        self, handle: ModelHandle, requests: Sequence[EditRequest], locality_tokens: int
+    ) -> None:
+        self.handle = handle
+        self.requests = requests
+        self.locality_tokens = locality_tokens
+        self._cache: dict[int, tuple[EncodedPair, LossBatch]] = {}
+
+    def get(self, index: int) -> tuple[EncodedPair, LossBatch]:
+        if index not in self._cache:
+            request = self.requests[index]
+            tokenizer = self.handle.tokenizer
+            prompts = [request.prompt, *request.rephrases]
+            rephrases = encode_pairs(tokenizer, prompts, [request.target_new] * len(prompts))
+            locality = [
+                EncodedPair(pair.ids[: pair.target_start + self.locality_tokens], pair.target_start)
+                for pair in encode_pairs(
+                    tokenizer, [p for p, _ in request.locality], [a for _, a in request.locality]
+                )
+            ]
+            self._cache[index] = (rephrases[0], LossBatch(rephrases, locality))
+        return self._cache[index]
+
+    def batch(self, indices: Sequence[int]) -> tuple[list[EncodedPair], LossBatch]:
+        edits, rephrases, locality = [], [], []
+        for index in indices:
+            edit, loss_batch = self.get(index)
+            edits.append(edit)
+            rephrases.extend(loss_batch.rephrases)
+            locality.extend(loss_batch.locality)
+        return edits, LossBatch(rephrases, locality)
+
+
+class HypernetTrainer:
+    """Trains one hypernetwork editor on one model; checkpoints to `out` and resumes from it."""
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        editor_class: type[HypernetEditor],
+        config: HypernetTrainConfig,
+        requests: Sequence[EditRequest],
+        out: str | Path,
+        data_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.handle, self.editor_class, self.config = handle, editor_class, config
+        self.method = editor_class.name
+        self.out = Path(out)
+        self.data_info = data_info or {}
+        if len(requests) < config.validation_edits + config.batch_size:
+            raise ValueError(
+                f"{len(requests)} training requests are too few: {config.validation_edits} are "
+                f"held out for validation and a batch needs {config.batch_size}"
+            )
+        without_locality = [i for i, r in enumerate(requests) if not r.locality]
+        if without_locality:
+            raise ValueError(
+                f"training needs locality pairs; request {without_locality[0]} "
+                f"({requests[without_locality[0]].id or requests[without_locality[0]].prompt!r}) "
+                "has none"
+            )
+        split = len(requests) - config.validation_edits
+        self.train_examples = _Examples(handle, requests[:split], config.locality_tokens)
+        self.validation_requests = list(requests[split:])
+        torch.manual_seed(config.seed)
+        self.network = Hypernetwork(
+            edited_modules(handle, config), config.rank, config.n_blocks, editor_class.update_rule
+        ).to(handle.device)
+        scalars = [self.network.log_lr, self.network.log_ridge]
+        others = [p for p in self.network.parameters() if all(p is not s for s in scalars)]
+        self.optimizer = torch.optim.Adam(
+            [{"params": others, "lr": config.meta_lr}, {"params": scalars, "lr": config.scalar_lr}]
+        )
+        self.module_names = self.network.module_names
+        self.original = {n: handle.weight_of(n).detach().clone() for n in self.module_names}
+        self.steps_done = 0
+        self.trajectories_done = 0
+        self.elapsed_s = 0.0
+        self.losses: list[dict[str, float]] = []
+        self._order: list[int] = []
+        self._order_key: tuple[int, int] | None = None
+
+    # --- data order: a pure function of (seed, position), so resuming is exact
+
+    def _indices(self, start: int, count: int, stream: int = 0) -> list[int]:
+        """Requests at positions start.. of an endless stream of seeded per-epoch shuffles."""
+        n = len(self.train_examples.requests)
+        chosen = []
+        for position in range(start, start + count):
+            key = (position // n, stream)
+            if self._order_key != key:
+                seed = self.config.seed * 7919 + key[0] * 31 + stream
+                generator = torch.Generator().manual_seed(seed)
+                self._order = torch.randperm(n, generator=generator).tolist()
+                self._order_key = key
+            chosen.append(self._order[position % n])
+        return chosen
+
+    def _trajectory_batches(self, trajectory: int) -> list[list[int]]:
+        size, length = self.config.batch_size, self.config.trajectory_length
+        flat = self._indices(trajectory * size * length, size * length)
+        return [flat[i : i + size] for i in range(0, len(flat), size)]
+
+    # --- initialisation
+
+    @torch.no_grad()
+    def _warm_up(self) -> None:
+        """Fill the normaliser's statistics and scale η and λ to the model before training."""
+        config, network = self.config, self.network
+        size = config.batch_size
+        batches = [
+            self._indices(i * size, size, stream=1) for i in range(max(1, config.warmup_batches))
+        ]
+        captures = []
+        for indices in batches:
+            edits, _ = self.train_examples.batch(indices)
+            captured = capture_gradients(
+                self.handle, self.module_names, batch_tokens(self.handle, edits)
+            )
+            for name in self.module_names:
+                shape, slot = network._slot[name]
+                inputs = torch.cat([captured[name].keys, captured[name].value_grads], dim=1)
+                network.networks[shape].normaliser.update(slot, inputs)
+            captures.append(captured)
+        network.eval()  # the statistics are filled; the scale probes below must not add to them
+        for index, name in enumerate(self.module_names):
+            keys = torch.cat([c[name].keys for c in captures])
+            network.log_ridge[index] = math.log(config.initial_ridge * keys.pow(2).sum(1).mean())
+            network.log_lr[index] = 0.0
+            weight = self.handle.weight_of(name).float()
+            ratios = []
+            for captured in captures:
+                change = captured[name].keys @ network.delta(name, captured[name]).T
+                output = captured[name].keys @ weight.T
+                ratios.append((change.norm(dim=1) / output.norm(dim=1).clamp_min(1e-8)).median())
+            network.log_lr[index] = math.log(
+                config.initial_step / float(torch.stack(ratios).median())
+            )
+
+    # --- one trajectory
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for name, weight in self.original.items():
+                self.handle.weight_of(name).copy_(weight)
+
+    def _run_trajectory(self, trajectory: int, on_step) -> None:
+        config, network, handle = self.config, self.network, self.handle
+        history: deque[LossBatch] = deque(maxlen=config.backtrack_depth)
+        weights = [config.decay**i for i in range(config.backtrack_depth)]
+        step_every = config.step_every or config.trajectory_length
+        batches = self._trajectory_batches(trajectory)
+        totals = {"rephrase": 0.0, "locality": 0.0, "l2": 0.0}
+        try:
+            for t, indices in enumerate(batches):
+                edits, loss_batch = self.train_examples.batch(indices)
+                captured = capture_gradients(handle, self.module_names, batch_tokens(handle, edits))
+                history.appendleft(loss_batch)
+                reference = locality_log_probs(handle, history)
+                deltas = network.deltas(captured)
+                add_weight_deltas(handle, {n: d.detach() for n, d in deltas.items()})
+                parts, grads = weight_gradients(
+                    handle,
+                    self.module_names,
+                    lambda reference=reference: weighted_loss(
+                        handle, history, weights[: len(history)], reference, config.locality_weight
+                    ),
+                )
+                scale = config.discount**t
+                l2 = sum(float(d.detach().pow(2).sum()) for d in deltas.values())
+                torch.autograd.backward(
+                    [deltas[n] for n in self.module_names],
+                    [
+                        scale * (grads[n] + 2 * config.l2_weight * deltas[n].detach())
+                        for n in self.module_names
+                    ],
+                )
+                totals["rephrase"] += parts.rephrase
+                totals["locality"] += parts.locality
+                totals["l2"] += l2
+                if (t + 1) % step_every == 0 or t + 1 == len(batches):
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.steps_done += 1
+                    on_step()
+        finally:
+            self._restore()
+        self.trajectories_done += 1
+        self.losses.append(
+            {"step": self.steps_done, **{k: v / len(batches) for k, v in totals.items()}}
+        )
+
+    # --- the loop, checkpoints, validation
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "model": self.handle.name,
+            "rank": self.config.rank,
+            "n_blocks": self.config.n_blocks,
+            "train_config": asdict(self.config),
+            "data": self.data_info,
+            "steps_done": self.steps_done,
+            "trajectories_done": self.trajectories_done,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "losses": self.losses,
+        }
+
+    def save(self) -> None:
+        save_checkpoint(self.out, self.network, self.meta(), self.optimizer)
+
+    def resume(self) -> None:
+        """Continue from the checkpoint in `out`; model, data and settings must match."""
+        meta = read_meta(self.out)
+        mine = self.meta()
+        for key in ("method", "model"):
+            if meta[key] != mine[key]:
+                raise CheckpointError(
+                    f"cannot resume: {self.out} was trained with {key} {meta[key]!r}"
+                )
+        if meta["data"].get("sha256") != self.data_info.get("sha256"):
+            raise CheckpointError(f"cannot resume: {self.out} was trained on other data")
+        ignored = {"steps", "checkpoint_every"}
+        changed = [
+            f.name
+            for f in fields(self.config)
+            if f.name not in ignored
+            and meta["train_config"].get(f.name) != getattr(self.config, f.name)
+        ]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume: settings differ from the checkpoint's: {', '.join(changed)}"
+            )
+        network, _ = load_network(self.out)
+        self.network.load_state_dict(network.state_dict())
+        load_optimizer(self.out, self.optimizer)
+        self.steps_done = meta["steps_done"]
+        self.trajectories_done = meta["trajectories_done"]
+        self.elapsed_s = meta["elapsed_s"]
+        self.losses = meta["losses"]
+
+    def train(self, *, show_progress: bool = True) -> None:
+        config = self.config
+        trajectories = math.ceil(config.steps / config.steps_per_trajectory)
+        if self.steps_done == 0:
+            self._warm_up()
+        self.network.train()
+        progress = Progress(
+            TextColumn(f"[bold]{self.method}: training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[losses]}"),
+            TimeElapsedColumn(),
+            disable=not show_progress,
+        )
+        with progress:
+            task = progress.add_task("", total=config.steps, completed=self.steps_done, losses="")
+            while self.trajectories_done < trajectories:
+                started = time.perf_counter()
+                self._run_trajectory(self.trajectories_done, lambda: progress.advance(task))
+                self.elapsed_s += time.perf_counter() - started
+                last = self.losses[-1]
+                progress.update(
+                    task, losses=f"rephrase {last['rephrase']:.3f} locality {last['locality']:.4f}"
+                )
+                if (
+                    self.trajectories_done
+                    % max(1, config.checkpoint_every // config.steps_per_trajectory)
+                    == 0
+                ):
+                    self.save()
+        self.network.eval()
+        self.save()
+
+    def validate(self, *, show_progress: bool = True) -> dict[str, Any]:
+        """The lifelong protocol on the held-out training edits; written to `validation.json`.
+
+        The edits are applied in sequence, as at test time, then the model is restored.
+        """
+        if not self.validation_requests:
+            return {}
+        editor = self.editor_class.from_network(self.handle, self.network)
+        try:
+            result = run_lifelong(
+                self.handle,
+                editor,
+                self.validation_requests,
+                self.config.batch_size,
+                dataset={"name": "held-out training edits", **self.data_info},
+                show_progress=show_progress,
+            )
+        finally:
+            self._restore()
+        report = {
+            "n_edits": result.n_edits,
+            "batch_size": result.batch_size,
+            "metrics": result.metrics,
+            "timing": result.timing,
+        }
+        (self.out / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        return report

@@ -1,0 +1,32 @@
+"""RLEdit: MALMEN's update, with the network trained on whole edit sequences.
+
+Training treats lifelong editing as a sequential decision problem: the network
+edits T batches in a row, and after each it is judged on the D most recent
+batches (decayed by μ), on locality against the previous weights, and on the
+size of its update, so it learns updates that suit an already edited model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lledit.hypernet import HypernetEditor, HypernetTrainConfig
+
+
+@dataclass
+class RLEditTrainConfig(HypernetTrainConfig):
+    """Trajectory training; the defaults suit SmolLM2-135M."""
+
+    steps: int = 300
+    trajectory_length: int = 20
+    backtrack_depth: int = 2
+    l2_weight: float = 1e-4
+    step_every: int | None = 1
+
+
+class RLEdit(HypernetEditor):
+    name: ClassVar[str] = "rledit"
+    description: ClassVar[str] = "RLEdit: hypernetwork trained on edit sequences (needs training)"
+    update_rule: ClassVar[str] = "least_squares"
+    train_config_class: ClassVar[type] = RLEditTrainConfig
