@@ -132,6 +132,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
     meta = read_meta(directory)
     path = Path(directory) / OPTIMIZER_FILE
+    if "optimizer" not in meta:
+        raise CheckpointError(f"{directory} holds no optimizer state to resume from")
     try:
         tensors = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as error:

@@ -60,6 +60,11 @@ class HypernetTrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.step_every is not None and self.step_every < 1:
             raise ValueError(f"step_every must be at least 1, got {self.step_every}")
+        if not (self.initial_step > 0 and self.initial_ridge > 0):
+            raise ValueError(
+                f"initial_step and initial_ridge must be positive, "
+                f"got {self.initial_step}, {self.initial_ridge}"
+            )
         if self.validation_edits < 0 or self.warmup_batches < 0:
             raise ValueError("validation_edits and warmup_batches cannot be negative")
 
@@ -69,7 +74,7 @@ class HypernetTrainConfig:
 
 
 def default_layers(handle: ModelHandle) -> list[int]:
-    """The upper layers a hypernetwork edits by default: 22-27 on a 30-layer model."""
+    """The upper layers a hypernetwork edits by default: 21-26 on a 30-layer model."""
     n = handle.num_layers
     first, last = int(0.73 * n), max(int(0.73 * n) + 1, int(0.93 * n))
     return list(range(first, min(last, n)))

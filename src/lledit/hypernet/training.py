@@ -116,10 +116,10 @@ class HypernetTrainer:
             )
         without_locality = [i for i, r in enumerate(requests) if not r.locality]
         if without_locality:
+            first = requests[without_locality[0]]
             raise ValueError(
                 f"training needs locality pairs; request {without_locality[0]} "
-                f"({requests[without_locality[0]].id or requests[without_locality[0]].prompt!r}) "
-                "has none"
+                f"({first.id or repr(first.prompt)}) has none"
             )
         split = len(requests) - config.validation_edits
         self.train_examples = _Examples(handle, requests[:split], config.locality_tokens)
@@ -281,7 +281,7 @@ class HypernetTrainer:
                 raise CheckpointError(
                     f"cannot resume: {self.out} was trained with {key} {meta[key]!r}"
                 )
-        if meta["data"].get("sha256") != self.data_info.get("sha256"):
+        if meta.get("data", {}).get("sha256") != self.data_info.get("sha256"):
             raise CheckpointError(f"cannot resume: {self.out} was trained on other data")
         ignored = {"steps", "checkpoint_every"}
         changed = [

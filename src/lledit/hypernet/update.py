@@ -41,7 +41,8 @@ class _RidgeSolve(torch.autograd.Function):
         # The tokens x tokens system is small; float64 keeps it solvable for any ridge.
         keys64 = keys.double()
         ridge = log_ridge.double().exp()
-        gram = keys64 @ keys64.T + ridge * torch.eye(len(keys), device=keys.device)
+        gram = keys64 @ keys64.T
+        gram.diagonal().add_(ridge)
         factor = torch.linalg.cholesky(gram)
         solved = torch.cholesky_solve(values.double(), factor)
         ctx.save_for_backward(keys64, factor, solved, ridge)
