@@ -32,9 +32,7 @@ def main() -> None:
     editor = make_editor(args.method, handle, checkpoint=args.checkpoint)
     editor.prepare()
     requests = load_dataset("zsre", "eval", limit=args.batches * args.batch_size).requests
-    batches = [
-        requests[i : i + args.batch_size] for i in range(0, len(requests), args.batch_size)
-    ]
+    batches = [requests[i : i + args.batch_size] for i in range(0, len(requests), args.batch_size)]
     parameters = list(handle.model.parameters())
     plain, editing = [], []
     for batch in [batches[0], *batches]:  # the first batch warms up and is not counted
