@@ -64,3 +64,29 @@ def test_default_model_cache_is_written_once_and_reloads_identically(monkeypatch
     second = load_model()
     assert (cache / "model.safetensors").stat().st_mtime_ns == written
     assert_weights_equal(second, snapshot(first))
+
+
+def test_rledit_trains_on_builtin_edits_then_edits_and_undoes_exactly(default_handle, tmp_path):
+    from lledit.hypernet.training import HypernetTrainer
+    from lledit.methods import RLEdit, train_config_class
+
+    train = load_dataset("builtin", "train", limit=60).requests
+    config = train_config_class("rledit")(
+        steps=4, trajectory_length=2, validation_edits=10, warmup_batches=2
+    )
+    before = snapshot(default_handle)
+    trainer = HypernetTrainer(default_handle, RLEdit, config, train, tmp_path, {"name": "builtin"})
+    trainer.train(show_progress=False)
+    assert_weights_equal(default_handle, before)  # trajectories restore the model
+
+    requests = load_dataset("builtin", "eval", limit=10).requests
+    unedited, _ = evaluate(default_handle, requests)
+    editor = make_editor("rledit", default_handle, checkpoint=str(tmp_path))
+    editor.prepare()
+    applied = editor.apply(requests)
+    try:
+        edited, _ = evaluate(default_handle, requests)
+        assert edited["efficacy"] > unedited["efficacy"] + 0.2
+    finally:
+        applied.undo()
+    assert_weights_equal(default_handle, before)
