@@ -19,6 +19,10 @@ from lledit.model import ModelHandle
 from lledit.tokens import EncodedPair, TokenBatch, collate
 
 
+def batch_tokens(handle: ModelHandle, pairs: Sequence[EncodedPair]) -> TokenBatch:
+    return collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)
+
+
 @dataclass
 class LossBatch:
     """The pairs one batch of training edits is judged on.
@@ -41,8 +45,7 @@ class LossParts:
 
 def locality_log_probs(handle: ModelHandle, batches: Sequence[LossBatch]) -> torch.Tensor:
     """Log-probabilities of the model as it is now at every locality answer token."""
-    pairs = [pair for batch in batches for pair in batch.locality]
-    tokens = collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)
+    tokens = batch_tokens(handle, [pair for batch in batches for pair in batch.locality])
     with torch.no_grad():
         return handle.target_logits(tokens).log_softmax(dim=-1)
 
@@ -62,8 +65,7 @@ def weighted_loss(
     """
     rephrase_pairs = [pair for batch in batches for pair in batch.rephrases]
     locality_pairs = [pair for batch in batches for pair in batch.locality]
-    tokens = collate(rephrase_pairs + locality_pairs, handle.tokenizer.pad_token_id)
-    tokens = tokens.to(handle.device)
+    tokens = batch_tokens(handle, rephrase_pairs + locality_pairs)
     logits = handle.target_logits(tokens)
 
     n_rephrases = len(rephrase_pairs)
@@ -116,7 +118,3 @@ def weight_gradients(
         for hook in hooks:
             hook.remove()
     return parts, {name: grad.float() for name, grad in zip(module_names, grads, strict=True)}
-
-
-def batch_tokens(handle: ModelHandle, pairs: Sequence[EncodedPair]) -> TokenBatch:
-    return collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)

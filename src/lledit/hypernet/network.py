@@ -129,6 +129,12 @@ class Hypernetwork(nn.Module):
     def module_names(self) -> list[str]:
         return [m.name for m in self.modules_edited]
 
+    def observe(self, name: str, captured: Captured) -> None:
+        """Add captured inputs to module `name`'s normaliser statistics, nothing else."""
+        shape, slot = self._slot[name]
+        inputs = torch.cat([captured.keys, captured.value_grads], dim=1)
+        self.networks[shape].normaliser.update(slot, inputs)
+
     def pseudo(self, name: str, captured: Captured) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo keys k̃ (tokens, d_in) and pseudo gradients g̃ (tokens, d_out)."""
         shape, slot = self._slot[name]

@@ -180,9 +180,7 @@ class HypernetTrainer:
                 self.handle, self.module_names, batch_tokens(self.handle, edits)
             )
             for name in self.module_names:
-                shape, slot = network._slot[name]
-                inputs = torch.cat([captured[name].keys, captured[name].value_grads], dim=1)
-                network.networks[shape].normaliser.update(slot, inputs)
+                network.observe(name, captured[name])
             captures.append(captured)
         network.eval()  # the statistics are filled; the scale probes below must not add to them
         for index, name in enumerate(self.module_names):
