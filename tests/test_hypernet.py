@@ -16,7 +16,6 @@ from lledit.hypernet.capture import Captured, capture_gradients, sequence_losses
 from lledit.hypernet.config import HypernetTrainConfig, edited_modules, parse_layers
 from lledit.hypernet.losses import (
     LossBatch,
-    batch_tokens,
     locality_log_probs,
     weight_gradients,
     weighted_loss,
@@ -27,7 +26,7 @@ from lledit.hypernet.update import least_squares_update, mend_update, value_diff
 from lledit.methods import MALMEN, MEND, RLEdit
 from lledit.methods.base import add_weight_deltas
 from lledit.model import ModelHandle
-from lledit.tokens import edit_batch, encode_pairs
+from lledit.tokens import batch_tokens, edit_batch, encode_pairs
 
 runner = CliRunner()
 DATA = {"name": "test requests", "sha256": "0" * 64}

@@ -117,7 +117,11 @@ def collate(pairs: Sequence[EncodedPair], pad_id: int, padding_side: str = "righ
     )
 
 
+def batch_tokens(handle: ModelHandle, pairs: Sequence[EncodedPair]) -> TokenBatch:
+    """Collate encoded pairs with the model's pad token, on the model's device."""
+    return collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)
+
+
 def edit_batch(handle: ModelHandle, prompts: Sequence[str], targets: Sequence[str]) -> TokenBatch:
     """Tokenise and collate on the model's device, ready for `handle.target_logits`."""
-    pairs = encode_pairs(handle.tokenizer, prompts, targets)
-    return collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)
+    return batch_tokens(handle, encode_pairs(handle.tokenizer, prompts, targets))

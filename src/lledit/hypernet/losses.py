@@ -16,11 +16,7 @@ import torch.nn.functional as F
 
 from lledit.hypernet.capture import sequence_losses
 from lledit.model import ModelHandle
-from lledit.tokens import EncodedPair, TokenBatch, collate
-
-
-def batch_tokens(handle: ModelHandle, pairs: Sequence[EncodedPair]) -> TokenBatch:
-    return collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)
+from lledit.tokens import EncodedPair, batch_tokens
 
 
 @dataclass
@@ -69,27 +65,28 @@ def weighted_loss(
     logits = handle.target_logits(tokens)
 
     n_rephrases = len(rephrase_pairs)
-    pair_weights = torch.cat(
-        [
-            torch.full((len(batch.rephrases),), weight / len(batch.rephrases))
-            for batch, weight in zip(batches, weights, strict=True)
-        ]
-    ).to(logits.device)
-    rephrase = (sequence_losses(logits, tokens)[:n_rephrases] * pair_weights).sum()
+    pair_weights = _spread([len(batch.rephrases) for batch in batches], weights)
+    rephrase = (
+        sequence_losses(logits, tokens)[:n_rephrases] * pair_weights.to(logits.device)
+    ).sum()
 
     is_locality = tokens.target_rows >= n_rephrases
     log_probs = logits[is_locality].log_softmax(dim=-1)
     token_kl = (reference.exp() * (reference - log_probs)).sum(dim=-1)
-    token_weights = torch.cat(
-        [
-            torch.full((sum(len(p.target_ids) for p in batch.locality),), weight)
-            / sum(len(p.target_ids) for p in batch.locality)
-            for batch, weight in zip(batches, weights, strict=True)
-        ]
-    ).to(logits.device)
-    locality = (token_kl * token_weights).sum()
+    token_counts = [sum(len(pair.target_ids) for pair in batch.locality) for batch in batches]
+    locality = (token_kl * _spread(token_counts, weights).to(logits.device)).sum()
     total = rephrase + locality_weight * locality
     return LossParts(total, rephrase.item(), locality.item())
+
+
+def _spread(counts: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+    """Each batch's weight shared evenly among its `count` items, batch after batch."""
+    return torch.cat(
+        [
+            torch.full((count,), weight / count)
+            for count, weight in zip(counts, weights, strict=True)
+        ]
+    )
 
 
 def weight_gradients(

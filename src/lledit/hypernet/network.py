@@ -106,20 +106,20 @@ class Hypernetwork(nn.Module):
             raise ValueError(f"rank and n_blocks must be at least 1, got {rank}, {n_blocks}")
         self.modules_edited = list(modules)
         self.update_rule = update_rule
-        shapes = list(dict.fromkeys(_shape_key(m) for m in self.modules_edited))
-        self._slot = {}
-        for shape in shapes:
-            members = [m.name for m in self.modules_edited if _shape_key(m) == shape]
-            self._slot.update({name: (shape, slot) for slot, name in enumerate(members)})
+        by_shape: dict[str, list[ModuleShape]] = {}
+        for module in self.modules_edited:
+            by_shape.setdefault(f"{module.d_in}x{module.d_out}", []).append(module)
+        self._slot = {
+            module.name: (shape, slot)
+            for shape, members in by_shape.items()
+            for slot, module in enumerate(members)
+        }
         self.networks = nn.ModuleDict(
             {
                 shape: ShapeNetwork(
-                    sum(map(int, shape.split("x"))),
-                    sum(1 for m in self.modules_edited if _shape_key(m) == shape),
-                    rank,
-                    n_blocks,
+                    members[0].d_in + members[0].d_out, len(members), rank, n_blocks
                 )
-                for shape in shapes
+                for shape, members in by_shape.items()
             }
         )
         self.log_lr = nn.Parameter(torch.zeros(len(self.modules_edited)))
@@ -154,7 +154,3 @@ class Hypernetwork(nn.Module):
 
     def deltas(self, captured: dict[str, Captured]) -> dict[str, torch.Tensor]:
         return {name: self.delta(name, captured[name]) for name in self.module_names}
-
-
-def _shape_key(module: ModuleShape) -> str:
-    return f"{module.d_in}x{module.d_out}"

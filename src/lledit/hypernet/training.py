@@ -16,7 +16,6 @@ optimizer may step every few batches inside a trajectory (`step_every`).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections import deque
@@ -42,7 +41,6 @@ from lledit.hypernet.config import HypernetTrainConfig, edited_modules
 from lledit.hypernet.editor import HypernetEditor
 from lledit.hypernet.losses import (
     LossBatch,
-    batch_tokens,
     locality_log_probs,
     weight_gradients,
     weighted_loss,
@@ -50,9 +48,7 @@ from lledit.hypernet.losses import (
 from lledit.hypernet.network import Hypernetwork
 from lledit.methods.base import add_weight_deltas
 from lledit.model import ModelHandle
-from lledit.tokens import EncodedPair, encode_pairs
-
-logger = logging.getLogger(__name__)
+from lledit.tokens import EncodedPair, batch_tokens, encode_pairs
 
 VALIDATION_FILE = "validation.json"
 
@@ -273,9 +269,8 @@ class HypernetTrainer:
     def resume(self) -> None:
         """Continue from the checkpoint in `out`; model, data and settings must match."""
         meta = read_meta(self.out)
-        mine = self.meta()
-        for key in ("method", "model"):
-            if meta[key] != mine[key]:
+        for key, value in (("method", self.method), ("model", self.handle.name)):
+            if meta[key] != value:
                 raise CheckpointError(
                     f"cannot resume: {self.out} was trained with {key} {meta[key]!r}"
                 )
@@ -303,6 +298,7 @@ class HypernetTrainer:
     def train(self, *, show_progress: bool = True) -> None:
         config = self.config
         trajectories = math.ceil(config.steps / config.steps_per_trajectory)
+        save_every = max(1, config.checkpoint_every // config.steps_per_trajectory)
         if self.steps_done == 0:
             self._warm_up()
         self.network.train()
@@ -324,11 +320,7 @@ class HypernetTrainer:
                 progress.update(
                     task, losses=f"rephrase {last['rephrase']:.3f} locality {last['locality']:.4f}"
                 )
-                if (
-                    self.trajectories_done
-                    % max(1, config.checkpoint_every // config.steps_per_trajectory)
-                    == 0
-                ):
+                if self.trajectories_done % save_every == 0:
                     self.save()
         self.network.eval()
         self.save()

@@ -6,19 +6,13 @@ time on the original model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from lledit.hypernet import HypernetEditor, HypernetTrainConfig
-
-
-@dataclass
-class MALMENTrainConfig(HypernetTrainConfig):
-    """MALMEN trains on single batches edited into the original model."""
 
 
 class MALMEN(HypernetEditor):
     name: ClassVar[str] = "malmen"
     description: ClassVar[str] = "MALMEN: hypernetwork + least-squares update (needs training)"
     update_rule: ClassVar[str] = "least_squares"
-    train_config_class: ClassVar[type] = MALMENTrainConfig
+    train_config_class: ClassVar[type] = HypernetTrainConfig

@@ -5,19 +5,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from lledit.hypernet import HypernetEditor, HypernetTrainConfig
-
-
-@dataclass
-class MENDTrainConfig(HypernetTrainConfig):
-    """MEND trains on single batches edited into the original model."""
 
 
 class MEND(HypernetEditor):
     name: ClassVar[str] = "mend"
     description: ClassVar[str] = "MEND: hypernetwork, gradient -> rank-one update (needs training)"
     update_rule: ClassVar[str] = "mend"
-    train_config_class: ClassVar[type] = MENDTrainConfig
+    train_config_class: ClassVar[type] = HypernetTrainConfig
