@@ -7,6 +7,7 @@ import types
 import typing
 from typing import Any
 
+from lledit.methods.alphaedit import AlphaEdit, AlphaEditConfig
 from lledit.methods.base import (
     AppliedEdit,
     EditMethod,
@@ -16,13 +17,15 @@ from lledit.methods.base import (
 )
 from lledit.methods.ft import FineTune, FTConfig
 from lledit.methods.malmen import MALMEN
+from lledit.methods.memit import MEMIT, MEMITConfig
 from lledit.methods.mend import MEND
 from lledit.methods.none import NoEdit
 from lledit.methods.rledit import RLEdit
 from lledit.model import ModelHandle
 
 METHODS: dict[str, type] = {
-    method.name: method for method in (NoEdit, FineTune, MEND, MALMEN, RLEdit)
+    method.name: method
+    for method in (NoEdit, FineTune, MEND, MALMEN, RLEdit, MEMIT, AlphaEdit)
 }
 
 
@@ -109,12 +112,16 @@ def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
 
 __all__ = [
     "MALMEN",
+    "MEMIT",
     "MEND",
     "METHODS",
+    "AlphaEdit",
+    "AlphaEditConfig",
     "AppliedEdit",
     "EditMethod",
     "FTConfig",
     "FineTune",
+    "MEMITConfig",
     "NoEdit",
     "NonFiniteUpdateError",
     "RLEdit",

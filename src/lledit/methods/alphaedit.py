@@ -1,0 +1,93 @@
+"""AlphaEdit: MEMIT's update projected onto the null space of preserved knowledge.
+
+The update is restricted to directions that keys of ordinary text do not use
+(P, from the small eigenvalues of their second moment C₀), so what the model
+already knows is left alone, and the keys of all earlier edits are kept in the
+objective so later batches disturb them as little as possible:
+ΔW = R Kᵀ P ((K_p K_pᵀ + K Kᵀ) P + l2·I)⁻¹ (Fang et al., "AlphaEdit:
+Null-Space Constrained Knowledge Editing for Language Models", ICLR 2025).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from lledit.data.request import EditRequest
+from lledit.locate import LocateConfig, Locator, alphaedit_delta, null_space_projection
+from lledit.methods.base import WeightDelta, apply_weight_deltas
+from lledit.model import ModelHandle
+
+
+@dataclass
+class AlphaEditConfig(LocateConfig):
+    """Settings of AlphaEdit (see `LocateConfig` for the shared ones)."""
+
+    null_space_threshold: float = 1e-2
+    """Eigen-directions of C₀ with eigenvalues below this fraction of the largest
+    form the null space the update may use (to be confirmed by measurement)."""
+    l2: float = 10.0
+    """Weight of ‖ΔW‖² in the objective (AlphaEdit's identity term)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.null_space_threshold <= 1:
+            raise ValueError(
+                f"null_space_threshold must be in (0, 1], got {self.null_space_threshold}"
+            )
+        if not self.l2 > 0:
+            raise ValueError(f"l2 must be positive, got {self.l2}")
+
+
+class AlphaEdit:
+    name: ClassVar[str] = "alphaedit"
+    description: ClassVar[str] = (
+        "AlphaEdit: MEMIT-style update in the null space of preserved and earlier-edited keys"
+    )
+    config_class: ClassVar[type] = AlphaEditConfig
+
+    def __init__(self, handle: ModelHandle, config: AlphaEditConfig | None = None) -> None:
+        self.handle = handle
+        self.config = config or AlphaEditConfig()
+        self.locator = Locator(handle, self.config)
+        self.projections: dict[str, torch.Tensor] | None = None
+        """P per edited module."""
+        self.past_keys: dict[str, torch.Tensor] = {}
+        """K_p K_pᵀ per module: the keys of every batch this editor applied."""
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def prepare(self) -> None:
+        """Compute or load the key statistics, derive P, and sample the prefixes."""
+        if self.projections is None:
+            self.projections = {
+                module: null_space_projection(covariance, self.config.null_space_threshold)
+                for module, covariance in self.locator.covariances().items()
+            }
+        self.locator.prepare()
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**asdict(self.config), **self.locator.describe()}
+
+    def _solve(self, module: str, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        assert self.projections is not None
+        projection = self.projections[module]
+        past = self.past_keys.get(module)
+        if past is None:
+            past = torch.zeros(len(projection), len(projection), dtype=torch.float64)
+        self._pending[module] = keys.double() @ keys.double().T
+        return alphaedit_delta(residual, keys, projection, past, self.config.l2)
+
+    def apply(self, batch: Sequence[EditRequest]) -> WeightDelta:
+        if not batch:
+            raise ValueError("an edit batch must hold at least one request")
+        self.prepare()
+        self._pending = {}
+        applied = apply_weight_deltas(self.handle, self.locator.deltas(batch, self._solve))
+        # Only a batch that was applied joins the keys to protect.
+        for module, gram in self._pending.items():
+            past = self.past_keys.get(module)
+            self.past_keys[module] = gram if past is None else past + gram
+        return applied
