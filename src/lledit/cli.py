@@ -133,6 +133,19 @@ def bench(
         typer.Option(help="Trained network (from `lledit train`) for mend, malmen or rledit."),
     ] = None,
     allow_download: DownloadOption = False,
+    stats_corpus: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Text for MEMIT/AlphaEdit key statistics (default: sampled from the model). "
+            "Same as --set stats_corpus=FILE.",
+        ),
+    ] = None,
+    stats_samples: Annotated[
+        int | None,
+        typer.Option(help="Keys those statistics average over. Same as --set stats_samples=N."),
+    ] = None,
 ) -> None:
     """Run the lifelong protocol: N edits in batches of B, evaluated on the final model."""
     try:
@@ -152,6 +165,10 @@ def bench(
                     "with several, give each its own: --set rledit.checkpoint=DIR"
                 )
             settings.append(f"{trained[0]}.checkpoint={checkpoint}")
+        if stats_corpus is not None:
+            settings.append(f"stats_corpus={stats_corpus}")
+        if stats_samples is not None:
+            settings.append(f"stats_samples={stats_samples}")
         per_method = _settings_per_method(methods, settings)
         dataset = load_edit_dataset(
             data, split, limit=edits, offset=offset, seed=shuffle, skip_invalid=skip_invalid
