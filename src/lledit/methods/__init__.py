@@ -24,8 +24,7 @@ from lledit.methods.rledit import RLEdit
 from lledit.model import ModelHandle
 
 METHODS: dict[str, type] = {
-    method.name: method
-    for method in (NoEdit, FineTune, MEND, MALMEN, RLEdit, MEMIT, AlphaEdit)
+    method.name: method for method in (NoEdit, FineTune, MEND, MALMEN, RLEdit, MEMIT, AlphaEdit)
 }
 
 
