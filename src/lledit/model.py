@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +90,7 @@ class ModelHandle:
             tokenizer.pad_token = tokenizer.eos_token
         model.eval()
         model.requires_grad_(False)
+        self._forward_context = threading.local()
 
     @property
     def device(self) -> torch.device:
@@ -130,20 +135,117 @@ class ModelHandle:
             return module.weight
         raise TypeError(f"module '{name}' is a {type(module).__name__}, not a linear layer")
 
+    @contextmanager
+    def prompt_ends(self, positions: torch.Tensor) -> Iterator[None]:
+        """Within this block, forward passes in this thread read row i's prompt
+        as ending at position `positions[i]`.
+
+        Teacher-forced scoring feeds prompt and target as one sequence. Editors
+        that act once per sequence at its last prompt token (ELDER, GRACE) learn
+        here where that token is; without it they take the last token the
+        attention mask keeps, which is right for a bare prompt.
+        """
+        previous = getattr(self._forward_context, "prompt_ends", None)
+        self._forward_context.prompt_ends = positions
+        try:
+            yield
+        finally:
+            self._forward_context.prompt_ends = previous
+
+    @property
+    def current_prompt_ends(self) -> torch.Tensor | None:
+        """The positions set by an enclosing `prompt_ends` block in this thread, if any."""
+        return getattr(self._forward_context, "prompt_ends", None)
+
     def target_logits(self, batch: TokenBatch) -> torch.Tensor:
         """Logits (float32) at the positions that predict each target token.
 
         Only those rows go through the output head, so a batch of many prompts
         never materialises a (batch, length, vocabulary) tensor.
         """
-        hidden = self.model.base_model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state
+        with self.prompt_ends(batch.prompt_ends):
+            hidden = self.model.base_model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).last_hidden_state
         selected = hidden[batch.target_rows, batch.target_positions - 1]
         return self.model.get_output_embeddings()(selected).float()
+
+
+def _cached_length(cache) -> int:
+    """Tokens already held by a KV cache (a transformers `Cache` or legacy tuples)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0
+
+
+def hidden_of(output) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor, or the first item of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class SequenceWatch:
+    """Tells forward hooks where each sequence's prompt ends, and whether a forward
+    pass starts sequences or extends them from a KV cache.
+
+    Editors that decide once per sequence (ELDER's routing, GRACE's codebook
+    lookup) decide on the pass that reads the whole prompt and reuse that
+    decision on every later pass that only adds tokens to a cache, as
+    `generate` does. A pre-hook on the base model records, before each pass,
+    the attention mask, any positions set by `ModelHandle.prompt_ends`, and
+    whether the cache already holds tokens. State is kept per thread, so
+    forwards running in several threads do not see each other's.
+    """
+
+    def __init__(self, handle: ModelHandle) -> None:
+        base = handle.model.base_model
+        self._handle = handle
+        self._signature = inspect.signature(base.forward)
+        self._state = threading.local()
+        self._hook = base.register_forward_pre_hook(self._observe, with_kwargs=True)
+
+    def _observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        arguments = self._signature.bind_partial(*args, **kwargs).arguments
+        self._state.extends_cache = _cached_length(arguments.get("past_key_values")) > 0
+        self._state.attention_mask = arguments.get("attention_mask")
+        self._state.explicit = self._handle.current_prompt_ends
+
+    @property
+    def extends_cache(self) -> bool:
+        """True while a pass only appends tokens to sequences already in the cache."""
+        return getattr(self._state, "extends_cache", False)
+
+    def prompt_ends(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """Position of each row's last prompt token in the pass in progress.
+
+        Positions set by `ModelHandle.prompt_ends` win; otherwise the last
+        position the attention mask keeps (right padding: the last 1; left
+        padding: the last column); with no mask, the last position.
+        """
+        explicit = getattr(self._state, "explicit", None)
+        if explicit is not None:
+            if explicit.shape != (batch,):
+                raise ValueError(
+                    f"prompt ends of shape {tuple(explicit.shape)} for a batch of {batch}"
+                )
+            return explicit.to(device)
+        mask = getattr(self._state, "attention_mask", None)
+        if mask is None:
+            return torch.full((batch,), length - 1, device=device, dtype=torch.long)
+        if mask.shape != (batch, length):
+            raise ValueError(
+                f"expected a ({batch}, {length}) attention mask, got {tuple(mask.shape)}"
+            )
+        positions = torch.arange(length, device=mask.device)
+        kept = torch.where(mask.bool(), positions, -1).amax(dim=1).clamp(min=0)
+        return kept.to(device)
+
+    def remove(self) -> None:
+        self._hook.remove()
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -75,6 +75,15 @@ class TokenBatch:
     target_ids: torch.Tensor
     target_lengths: list[int]
 
+    @property
+    def prompt_ends(self) -> torch.Tensor:
+        """Per row, the position of the last prompt token (the one that predicts
+        the first target token), in padded coordinates."""
+        rows = self.input_ids.shape[0]
+        first = torch.full((rows,), self.input_ids.shape[1], device=self.target_positions.device)
+        first = first.scatter_reduce(0, self.target_rows, self.target_positions, "amin")
+        return first - 1
+
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(
             input_ids=self.input_ids.to(device),
