@@ -1,0 +1,559 @@
+"""ELDER: a mixture of LoRAs on a few MLP layers, routed once per sequence.
+
+Li et al., "ELDER: Enhancing Lifelong Model Editing with Mixture-of-LoRA",
+AAAI 2025. Each adapted projection gets N LoRAs. A router per layer scores
+them from one query per sequence, the residual stream below the adapted
+layers at the last prompt token, and the k best are added with their scores
+(not renormalised). Every token of the sequence uses that allocation,
+including tokens generated later from a KV cache.
+
+Each edit gets a random allocation before training, and a guided loss pulls
+the routers towards it, so that inputs carrying the same knowledge pick the
+same LoRAs. Training routes as inference does (the routers' own top k); only
+the loss knows the allocation. After training, the edit's allocation code
+(which k of N LoRAs each layer picks, L·N bits) is stored; at inference an
+input whose code is not within the deferral radius of a stored code (Hamming
+distance to the nearest one not below ε) goes through the untouched model,
+bit for bit.
+
+The adapters are forward hooks on the projections, owned by the editor: the
+model's modules, weights and state dict stay as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lledit.data.request import EditRequest
+from lledit.locate import parse_layers
+from lledit.methods.base import NonFiniteUpdateError
+from lledit.model import ModelHandle, SequenceWatch, hidden_of
+from lledit.tokens import edit_batch
+
+logger = logging.getLogger(__name__)
+
+TENSORS_FILE = "elder.safetensors"
+CONFIG_FILE = "elder.json"
+
+
+@dataclass
+class ElderConfig:
+    """Settings of ELDER; the defaults suit SmolLM2-135M (30 layers, hidden 576)."""
+
+    layers: str | None = None
+    """Adapted decoder layers, "21-26" or "21,22"; None: six consecutive
+    upper-middle layers from 70% depth (21-26 of 30, the paper's Llama-2 choice)."""
+    part: str | None = None
+    """The projection adapted in each layer; None: the MLP output projection
+    (`mlp.down_proj`; GPT-2 `mlp.c_proj`)."""
+    query_layer: int | None = None
+    """Decoder layer whose output at the last prompt token is the routers'
+    query; None: the layer just below the first adapted one (20 on SmolLM2)."""
+    n_loras: int = 4
+    """N: LoRAs per adapted layer."""
+    rank: int = 8
+    """r: rank of each LoRA."""
+    top_k: int = 2
+    """k: LoRAs each layer adds for one sequence."""
+    guide_weight: float = 0.01
+    """λ: weight of the guided loss -Σ log s_j over each edit's allocation."""
+    deferral_radius: int | None = None
+    """ε: an input uses the adapters when the Hamming distance from its
+    allocation code to the nearest stored code is below ε; None: half the code
+    length (12 of L·N = 24 bits with the defaults, the paper's value)."""
+    steps: int = 50
+    """Adam iterations per edit batch."""
+    lr: float = 5e-3
+    """Adam learning rate. The paper's 1e-4 was for 7B models; LoRA B starts
+    at zero, and a small model needs a larger rate (to be tuned on SmolLM2)."""
+    seed: int = 0
+    """Seed of the LoRA and router initialisation and of the edits' allocations."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_loras", "rank", "top_k", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.top_k > self.n_loras:
+            raise ValueError(
+                f"top_k ({self.top_k}) cannot exceed n_loras ({self.n_loras}): "
+                "each layer picks k of its N LoRAs"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.guide_weight) and self.guide_weight >= 0):
+            raise ValueError(f"guide_weight must be >= 0, got {self.guide_weight}")
+        if self.deferral_radius is not None and self.deferral_radius < 1:
+            raise ValueError(
+                f"deferral_radius must be at least 1 (or None), got {self.deferral_radius}"
+            )
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """Six consecutive layers from 70% depth (21-26 of 30), leaving one below for the query."""
+    first = min(max(1, int(0.7 * num_layers)), num_layers - 1)
+    return tuple(range(first, min(first + 6, num_layers)))
+
+
+class MixtureOfLoRA(nn.Module):
+    """N LoRAs for one linear layer, of which only the k chosen per sequence run.
+
+    `forward` returns Σ_{j∈top-k} s_j B_j A_j x for each sequence's own
+    indices and scores; the layer's own output is added by the hook that
+    attaches it. A and B are stacked over the N LoRAs and the selected ones
+    are gathered per sequence, so unselected LoRAs cost nothing and receive
+    zero gradient. B starts at zero: a fresh mixture changes nothing.
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, n_loras: int, rank: int, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(d_in)
+        initial = torch.rand(n_loras, rank, d_in, generator=generator) * 2 * bound - bound
+        self.lora_a = nn.Parameter(initial)
+        self.lora_b = nn.Parameter(torch.zeros(n_loras, d_out, rank))
+
+    @classmethod
+    def for_layer(
+        cls, layer: nn.Module, n_loras: int, rank: int, generator: torch.Generator
+    ) -> MixtureOfLoRA:
+        """A mixture shaped for `layer`: `nn.Linear` (weight d_out by d_in) or
+        GPT-2's `Conv1D` (weight stored transposed, d_in by d_out)."""
+        if isinstance(layer, Conv1D):
+            d_in, d_out = layer.weight.shape
+        elif isinstance(layer, nn.Linear):
+            d_out, d_in = layer.weight.shape
+        else:
+            raise TypeError(f"cannot adapt a {type(layer).__name__}; it is not a linear layer")
+        return cls(d_in, d_out, n_loras, rank, generator)
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """x (batch, tokens, d_in), indices and weights (batch, k) → (batch, tokens, d_out)."""
+        lora_a = self.lora_a[indices]  # (batch, k, rank, d_in)
+        lora_b = self.lora_b[indices]  # (batch, k, d_out, rank)
+        hidden = torch.einsum("btd,bkrd->btkr", x, lora_a) * weights[:, None, :, None]
+        return torch.einsum("btkr,bkor->bto", hidden, lora_b)
+
+
+@dataclass
+class Routing:
+    """The allocation of one forward pass, one row per sequence."""
+
+    queries: torch.Tensor
+    """(batch, hidden) the routers' input."""
+    log_probs: torch.Tensor
+    """(batch, L, N) log of the router scores s."""
+    indices: torch.Tensor
+    """(batch, L, k) the chosen LoRAs of each layer."""
+    weights: torch.Tensor
+    """(batch, L, k) their scores, not renormalised."""
+    rows: torch.Tensor | None
+    """Rows that use the adapters; None: every row."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.queries.shape[0]
+
+
+def allocation_codes(indices: torch.Tensor, n_loras: int) -> torch.Tensor:
+    """(batch, L, k) chosen LoRAs → (batch, L·N) bit codes (bool)."""
+    bits = torch.zeros(*indices.shape[:-1], n_loras, dtype=torch.bool, device=indices.device)
+    return bits.scatter_(-1, indices, True).flatten(1)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The stored codes of one applied batch and the parameters around it."""
+
+    codes: torch.Tensor
+    before: list[torch.Tensor] | None
+    after: list[torch.Tensor] | None
+    undone: bool = False
+
+
+class ElderEdit:
+    """One ELDER batch: undo drops its codes and its change to adapters and routers."""
+
+    def __init__(self, editor: ElderEditor, batch: _Batch, allocation: torch.Tensor) -> None:
+        self._editor = editor
+        self._batch = batch
+        self.allocation = allocation
+        """(edits, L, k) the LoRAs the guided loss pulled each edit towards."""
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """(edits, L·N) the allocation codes stored for the batch's edits."""
+        return self._batch.codes
+
+    def undo(self) -> None:
+        self._editor._undo(self._batch)
+
+
+class ElderEditor:
+    name: ClassVar[str] = "elder"
+    description: ClassVar[str] = (
+        "ELDER: mixture of LoRAs routed per sequence, guided loss, deferral by allocation code"
+    )
+    config_class: ClassVar[type] = ElderConfig
+    edits_weights: ClassVar[bool] = False
+
+    def __init__(self, handle: ModelHandle, config: ElderConfig | None = None) -> None:
+        self.handle = handle
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._watch: SequenceWatch | None = None
+        self._local = threading.local()
+        self._build(config or ElderConfig())
+
+    def _resolve(self, config: ElderConfig) -> tuple[tuple[int, ...], int, list[str]]:
+        """The adapted layers, the query layer and the adapted modules `config` names."""
+        handle = self.handle
+        if config.layers is None:
+            layers = default_layers(handle.num_layers)
+        else:
+            layers = parse_layers(config.layers, handle.num_layers)
+        query_layer = layers[0] - 1 if config.query_layer is None else config.query_layer
+        if not 0 <= query_layer < layers[0]:
+            raise ValueError(
+                f"query_layer must lie below every adapted layer (0-{layers[0] - 1}), "
+                f"got {query_layer}"
+            )
+        part = config.part or handle.arch.mlp_out
+        return layers, query_layer, [handle.layer_module(layer, part) for layer in layers]
+
+    def _tensor_shapes(self, config: ElderConfig, modules: list[str]) -> dict[str, tuple]:
+        """The shape of every saved tensor for `config` on this model."""
+        width = self.handle.model.get_input_embeddings().weight.shape[1]
+        n, rank = config.n_loras, config.rank
+        shapes: dict[str, tuple] = {"router": (len(modules), n, width)}
+        for position, name in enumerate(modules):
+            d_out, d_in = self.handle.weight_of(name).shape
+            shapes[f"adapters.{position}.lora_a"] = (n, rank, d_in)
+            shapes[f"adapters.{position}.lora_b"] = (n, d_out, rank)
+        return shapes
+
+    def _build(self, config: ElderConfig) -> None:
+        """Set up adapters, routers and hooks for `config` (replacing any earlier ones)."""
+        handle = self.handle
+        layers, query_layer, modules = self._resolve(config)
+        generator = torch.Generator().manual_seed(config.seed)
+        adapters = nn.ModuleList(
+            MixtureOfLoRA.for_layer(handle.module(name), config.n_loras, config.rank, generator)
+            for name in modules
+        )
+        width = handle.model.get_input_embeddings().weight.shape[1]
+        router = torch.randn(len(layers), config.n_loras, width, generator=generator)
+        self.remove()
+        self.config = config
+        self.layers = layers
+        self.modules = modules
+        self.query_layer = query_layer
+        self.code_length = len(layers) * config.n_loras
+        self.deferral_radius = (
+            self.code_length // 2 if config.deferral_radius is None else config.deferral_radius
+        )
+        self.adapters = adapters.to(handle.device)
+        self.router = nn.Parameter((router / math.sqrt(width)).to(handle.device))
+        self._generator = generator
+        self._batches: list[_Batch] = []
+        self._codes: torch.Tensor | None = None
+        self._watch = SequenceWatch(handle)
+        query = handle.module(f"{handle.arch.layers}.{query_layer}")
+        self._hooks = [query.register_forward_hook(self._on_query)]
+        for position, name in enumerate(modules):
+            self._hooks.append(
+                handle.module(name).register_forward_hook(self._adapter_hook(position))
+            )
+
+    def remove(self) -> None:
+        """Detach every hook: the model behaves as if the editor never existed."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+
+    def prepare(self) -> None:
+        return None
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self.config),
+            "modules": self.modules,
+            "query_layer": self.query_layer,
+            "deferral_radius": self.deferral_radius,
+        }
+
+    # Routing -----------------------------------------------------------------------------------
+
+    def _parameters(self) -> list[nn.Parameter]:
+        return [self.router, *self.adapters.parameters()]
+
+    def _route(self, queries: torch.Tensor) -> Routing:
+        """Scores and top-k choices of every layer's router for (batch, hidden) queries."""
+        logits = torch.einsum("bd,lnd->bln", queries, self.router)
+        log_probs = logits.log_softmax(dim=-1)
+        top, indices = log_probs.topk(self.config.top_k, dim=-1)
+        return Routing(queries, log_probs, indices, top.exp(), rows=None)
+
+    def _stored_codes(self) -> torch.Tensor | None:
+        if self._codes is None and self._batches:
+            self._codes = torch.cat([batch.codes for batch in self._batches])
+        return self._codes
+
+    def _within_radius(self, codes: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """Whether each code's Hamming distance to the nearest stored code is below ε.
+
+        Every code has exactly L·k bits set, so distance = 2 (L·k - overlap).
+        """
+        overlap = codes.float() @ stored.float().T
+        distance = 2 * (len(self.layers) * self.config.top_k) - 2 * overlap.amax(dim=1)
+        return distance < self.deferral_radius
+
+    @property
+    def current_routing(self) -> Routing | None:
+        """The routing of the latest forward pass in this thread (None: all deferred)."""
+        return getattr(self._local, "routing", None)
+
+    def _on_query(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Route each sequence once, on the pass that reads its whole prompt."""
+        training = getattr(self._local, "training", False)
+        stored = self._stored_codes()
+        if self._watch.extends_cache:
+            routing = self.current_routing
+            if stored is not None and routing is not None:
+                batch = hidden_of(output).shape[0]
+                if routing.batch_size != batch:
+                    raise RuntimeError(
+                        f"a pass extending a KV cache of {batch} sequences follows a prompt "
+                        f"pass of {routing.batch_size}; run the prompts through the model first"
+                    )
+            return None
+        if stored is None and not training:
+            self._local.routing = None
+            return None
+        hidden = hidden_of(output)
+        batch, length = hidden.shape[:2]
+        ends = self._watch.prompt_ends(batch, length, hidden.device)
+        queries = hidden[torch.arange(batch, device=hidden.device), ends].float()
+        routing = self._route(queries)
+        if not training:
+            codes = allocation_codes(routing.indices, self.config.n_loras)
+            within = self._within_radius(codes, stored)
+            routing.rows = None if bool(within.all()) else within.nonzero()[:, 0]
+        self._local.routing = routing
+        return None
+
+    def _adapter_hook(self, position: int):
+        adapter = self.adapters[position]
+
+        def add_loras(module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+            routing = self.current_routing
+            if routing is None:
+                return None
+            x, rows = args[0], routing.rows
+            indices, weights = routing.indices[:, position], routing.weights[:, position]
+            if rows is None:
+                delta = adapter(x.float(), indices, weights)
+                return (output.float() + delta).to(output.dtype)
+            if rows.numel() == 0:
+                return None
+            delta = adapter(x[rows].float(), indices[rows], weights[rows])
+            edited = output.clone()
+            edited[rows] = (output[rows].float() + delta).to(output.dtype)
+            return edited
+
+        return add_loras
+
+    @torch.no_grad()
+    def codes(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), L·N) allocation codes the routers give these bare prompts."""
+        encoded = self.handle.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        encoded = encoded.to(self.handle.device)
+        captured: list[torch.Tensor] = []
+        watch = self._watch
+
+        def capture(module: nn.Module, args: tuple, output: Any) -> None:
+            hidden = hidden_of(output)
+            ends = watch.prompt_ends(hidden.shape[0], hidden.shape[1], hidden.device)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            captured.append(hidden[rows, ends].float())
+
+        query = self.handle.module(f"{self.handle.arch.layers}.{self.query_layer}")
+        hook = query.register_forward_hook(capture)
+        try:
+            self.handle.model.base_model(**encoded, use_cache=False)
+        finally:
+            hook.remove()
+        return allocation_codes(self._route(captured[0]).indices, self.config.n_loras)
+
+    # Editing -----------------------------------------------------------------------------------
+
+    def _allocations(self, prompts: Sequence[str]) -> torch.Tensor:
+        """A random allocation (k LoRAs per layer) per distinct prompt, drawn before training."""
+        distinct = list(dict.fromkeys(prompts))
+        shape = (len(distinct), len(self.layers), self.config.n_loras)
+        draws = torch.rand(shape, generator=self._generator).argsort(dim=-1)
+        chosen = draws[..., : self.config.top_k]
+        index = torch.tensor([distinct.index(prompt) for prompt in prompts])
+        return chosen[index].to(self.handle.device)
+
+    @torch.no_grad()
+    def _restore(self, values: list[torch.Tensor]) -> None:
+        for parameter, value in zip(self._parameters(), values, strict=True):
+            parameter.copy_(value)
+
+    def apply(self, batch: Sequence[EditRequest]) -> ElderEdit:
+        """Train adapters and routers on the batch's prompts and store their codes.
+
+        Only the edit prompts are trained on; rephrases are left for evaluation.
+        """
+        if not batch:
+            raise ValueError("an edit batch must hold at least one request")
+        prompts = [request.prompt for request in batch]
+        tokens = edit_batch(self.handle, prompts, [request.target_new for request in batch])
+        allocation = self._allocations(prompts)
+        before = [parameter.detach().clone() for parameter in self._parameters()]
+        optimizer = torch.optim.Adam(self._parameters(), lr=self.config.lr)
+        self._local.training = True
+        try:
+            for _ in range(self.config.steps):
+                optimizer.zero_grad(set_to_none=True)
+                logits = self.handle.target_logits(tokens)
+                routing = self.current_routing
+                edit_loss = F.cross_entropy(logits, tokens.target_ids)
+                guide = -routing.log_probs.gather(-1, allocation).sum(dim=(1, 2)).mean()
+                loss = edit_loss + self.config.guide_weight * guide
+                loss.backward()
+                optimizer.step()
+            queries = routing.queries.detach()
+            logger.debug("elder batch of %d: edit loss %.4f", len(batch), edit_loss.item())
+            if not all(torch.isfinite(parameter).all() for parameter in self._parameters()):
+                raise NonFiniteUpdateError(
+                    "ELDER's training diverged (non-finite adapter or router weights); "
+                    "the batch was rejected and the editor left unchanged"
+                )
+        except BaseException:
+            self._restore(before)
+            raise
+        finally:
+            self._local.training = False
+            self._local.routing = None
+        with torch.no_grad():
+            codes = allocation_codes(self._route(queries).indices, self.config.n_loras)
+        after = [parameter.detach().clone() for parameter in self._parameters()]
+        record = _Batch(codes, before, after)
+        self._batches.append(record)
+        self._codes = None
+        return ElderEdit(self, record, allocation)
+
+    @torch.no_grad()
+    def _undo(self, batch: _Batch) -> None:
+        """Drop the batch's codes; put adapters and routers back to before it.
+
+        Undoing the latest batch restores them bit for bit. If later batches
+        trained on top, the change this batch made is subtracted instead and
+        their codes stay as they were computed.
+        """
+        if batch.undone:
+            raise RuntimeError("this edit was already undone")
+        if batch not in self._batches:
+            raise RuntimeError(
+                "this edit is no longer held by the editor (it loaded a saved state since)"
+            )
+        current = self._parameters()
+        if all(torch.equal(p, a) for p, a in zip(current, batch.after, strict=True)):
+            self._restore(batch.before)
+        else:
+            for parameter, before, after in zip(current, batch.before, batch.after, strict=True):
+                parameter.sub_(after - before)
+        self._batches.remove(batch)
+        self._codes = None
+        batch.undone = True
+
+    # Saving ------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """Adapters, routers, stored codes and the allocation generator as safetensors,
+        with the settings as JSON."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        stored = self._stored_codes()
+        if stored is None:
+            stored = torch.zeros(0, self.code_length, dtype=torch.bool)
+        tensors = {
+            "router": self.router.detach(),
+            "codes": stored.to(torch.uint8),
+            "generator_state": self._generator.get_state(),
+        }
+        for position, adapter in enumerate(self.adapters):
+            tensors[f"adapters.{position}.lora_a"] = adapter.lora_a.detach()
+            tensors[f"adapters.{position}.lora_b"] = adapter.lora_b.detach()
+        tensors = {key: value.cpu().contiguous() for key, value in tensors.items()}
+        save_file(tensors, str(directory / TENSORS_FILE))
+        record = {
+            "method": self.name,
+            "model": self.handle.name,
+            "config": asdict(self.config),
+            "modules": self.modules,
+            "query_layer": self.query_layer,
+            "stored_codes": int(stored.shape[0]),
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    def load(self, directory: str | Path) -> None:
+        """Take over a saved editor: its settings, adapters, routers and codes.
+
+        Everything is checked against this model before anything changes. The
+        loaded codes count as one earlier batch that cannot be undone; batches
+        applied before loading can no longer be undone.
+        """
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no saved ELDER editor in {directory} (missing {CONFIG_FILE})")
+        record = json.loads((directory / CONFIG_FILE).read_text())
+        if record.get("method") != self.name:
+            raise ValueError(f"{directory} holds a '{record.get('method')}' editor, not ELDER")
+        if record["model"] != self.handle.name:
+            logger.warning(
+                "loading ELDER saved for model '%s' into '%s'", record["model"], self.handle.name
+            )
+        tensors = load_file(str(directory / TENSORS_FILE))
+        config = ElderConfig(**record["config"])
+        _, _, modules = self._resolve(config)
+        if modules != record["modules"]:
+            raise ValueError(
+                f"{directory} adapts {record['modules']}; on this model its settings name {modules}"
+            )
+        for key, shape in self._tensor_shapes(config, modules).items():
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                found = tuple(tensors[key].shape) if key in tensors else "nothing"
+                raise ValueError(f"{directory}: '{key}' should have shape {shape}, found {found}")
+        codes = tensors["codes"].bool()
+        bits = len(modules) * config.n_loras
+        if codes.shape[1] != bits:
+            raise ValueError(f"{directory}: codes of {codes.shape[1]} bits, expected {bits}")
+        self._build(config)
+        with torch.no_grad():
+            self.router.copy_(tensors["router"])
+            for position, adapter in enumerate(self.adapters):
+                adapter.lora_a.copy_(tensors[f"adapters.{position}.lora_a"])
+                adapter.lora_b.copy_(tensors[f"adapters.{position}.lora_b"])
+        self._generator.set_state(tensors["generator_state"])
+        if codes.shape[0]:
+            self._batches = [_Batch(codes.to(self.handle.device), before=None, after=None)]
