@@ -1,0 +1,312 @@
+"""GRACE: a key-value codebook on one layer, with a deferral radius per entry.
+
+Hartvigsen et al., "Aging with GRACE: Lifelong Model Editing with Discrete
+Key-Value Adaptors", NeurIPS 2023. The adapted module is one MLP output
+projection (layer 21's `mlp.down_proj` on SmolLM2-135M). The key of a
+sequence is that module's input, the MLP's inner activation, at the last
+prompt token. Each edit adds one entry: its key, a value vector trained so
+that the model predicts the target, and a radius ε.
+
+A sequence whose key lies within the radius of some entry (Euclidean) takes
+the value of the nearest such entry as the module's output at every position
+of the sequence, and at every token generated from it with a KV cache (GRACE's
+"replace all"). Any other sequence gets the module's untouched output, bit for
+bit. Entries never move or merge: every edit adds its own entry with the
+initial radius, and overlapping regions are resolved by the nearest key
+(simpler than GRACE's radius expansion and splitting).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lledit.data.request import EditRequest
+from lledit.methods.base import NonFiniteUpdateError
+from lledit.model import ModelHandle, SequenceWatch
+from lledit.tokens import edit_batch
+
+logger = logging.getLogger(__name__)
+
+TENSORS_FILE = "grace.safetensors"
+CONFIG_FILE = "grace.json"
+
+
+@dataclass
+class GRACEConfig:
+    """Settings of GRACE; the defaults suit SmolLM2-135M."""
+
+    layer: int | None = None
+    """Decoder layer whose MLP output projection carries the codebook; None: the
+    middle of the model's default edit layers (21 of 30 on SmolLM2-135M)."""
+    module: str | None = None
+    """Full module name to adapt instead of `layer` (e.g. `model.layers.3.mlp.down_proj`)."""
+    radius: float = 1.0
+    """ε: the deferral radius of every new entry, a Euclidean distance between
+    keys (GRACE's initial ε; to be tuned on SmolLM2)."""
+    steps: int = 50
+    """Adam iterations that train the values of one batch."""
+    lr: float = 0.05
+    """Adam learning rate of the values."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.radius) and self.radius > 0):
+            raise ValueError(f"radius must be positive, got {self.radius}")
+
+
+@dataclass(eq=False)
+class _Entries:
+    """The codebook entries one batch added."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    radii: torch.Tensor
+    undone: bool = False
+
+
+class GRACEEdit:
+    """One GRACE batch: undo removes exactly its codebook entries."""
+
+    def __init__(self, editor: GRACE, entries: _Entries) -> None:
+        self._editor = editor
+        self._entries = entries
+
+    def undo(self) -> None:
+        self._editor._undo(self._entries)
+
+
+class GRACE:
+    name: ClassVar[str] = "grace"
+    description: ClassVar[str] = (
+        "GRACE: codebook of trained output values at one layer, keyed by the last prompt token"
+    )
+    config_class: ClassVar[type] = GRACEConfig
+    edits_weights: ClassVar[bool] = False
+
+    def __init__(self, handle: ModelHandle, config: GRACEConfig | None = None) -> None:
+        self.handle = handle
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._watch: SequenceWatch | None = None
+        self._local = threading.local()
+        self._build(config or GRACEConfig())
+
+    def _resolve(self, config: GRACEConfig) -> str:
+        """The module `config` names on this model."""
+        if config.module is not None:
+            return config.module
+        layer = config.layer
+        if layer is None:
+            layers = self.handle.default_edit_layers
+            layer = layers[len(layers) // 2]
+        return self.handle.layer_module(layer, self.handle.arch.mlp_out)
+
+    def _build(self, config: GRACEConfig) -> None:
+        handle = self.handle
+        module_name = self._resolve(config)
+        d_out, d_in = handle.weight_of(module_name).shape
+        self.remove()
+        self.config = config
+        self.module_name = module_name
+        self.key_width, self.value_width = d_in, d_out
+        self._batches: list[_Entries] = []
+        self._codebook: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._watch = SequenceWatch(handle)
+        self._hook = handle.module(module_name).register_forward_hook(self._on_module)
+
+    def remove(self) -> None:
+        """Detach the hook: the model behaves as if the editor never existed."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+
+    def prepare(self) -> None:
+        return None
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**asdict(self.config), "module": self.module_name}
+
+    @property
+    def size(self) -> int:
+        """Entries in the codebook."""
+        return sum(entries.keys.shape[0] for entries in self._batches)
+
+    def _entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys, values, radii) of every stored entry, concatenated once per change."""
+        if self._codebook is None and self._batches:
+            self._codebook = tuple(
+                torch.cat([getattr(entries, part) for entries in self._batches])
+                for part in ("keys", "values", "radii")
+            )
+        return self._codebook
+
+    # The hook ----------------------------------------------------------------------------------
+
+    def _on_module(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+        training = getattr(self._local, "training", None)
+        if training is not None:
+            return self._training_output(args[0], output, training)
+        codebook = self._entries()
+        if self._watch.extends_cache:
+            chosen = getattr(self._local, "chosen", None)
+            if codebook is None or chosen is None:
+                return None
+            if chosen.shape[0] != output.shape[0]:
+                raise RuntimeError(
+                    f"a pass extending a KV cache of {output.shape[0]} sequences follows a "
+                    f"prompt pass of {chosen.shape[0]}; run the prompts through the model first"
+                )
+        else:
+            self._local.chosen = chosen = None
+            if codebook is None:
+                return None
+            keys, _, radii = codebook
+            distance = torch.cdist(
+                self._keys(args[0]), keys, compute_mode="donot_use_mm_for_euclid_dist"
+            )
+            distance = distance.masked_fill(distance > radii, math.inf)
+            nearest = distance.argmin(dim=1)
+            chosen = torch.where(distance.isfinite().any(dim=1), nearest, -1)
+            self._local.chosen = chosen
+        rows = (chosen >= 0).nonzero()[:, 0]
+        if rows.numel() == 0:
+            return None
+        edited = output.clone()
+        values = codebook[1][chosen[rows]].to(output.dtype)
+        edited[rows] = values[:, None, :].expand(-1, output.shape[1], -1)
+        return edited
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, d_in) the module's input at each row's last prompt token, float32."""
+        ends = self._watch.prompt_ends(x.shape[0], x.shape[1], x.device)
+        return x[torch.arange(x.shape[0], device=x.device), ends].float()
+
+    def _training_output(self, x: torch.Tensor, output: torch.Tensor, state: dict) -> torch.Tensor:
+        """While values train: capture keys (and start values from the output there) on
+        the first pass, then replace every position of row i with value i."""
+        if "values" not in state:
+            state["keys"] = self._keys(x).detach()
+            ends = self._watch.prompt_ends(x.shape[0], x.shape[1], x.device)
+            start = output[torch.arange(x.shape[0], device=x.device), ends].detach().float()
+            state["values"] = nn.Parameter(start)
+            return output
+        return state["values"][:, None, :].expand(-1, output.shape[1], -1).to(output.dtype)
+
+    # Editing -----------------------------------------------------------------------------------
+
+    def apply(self, batch: Sequence[EditRequest]) -> GRACEEdit:
+        """Add one entry per edit; the batch's values train together, one forward per step."""
+        if not batch:
+            raise ValueError("an edit batch must hold at least one request")
+        tokens = edit_batch(self.handle, [r.prompt for r in batch], [r.target_new for r in batch])
+        state: dict[str, torch.Tensor] = {}
+        self._local.training = state
+        try:
+            with torch.no_grad():
+                self.handle.target_logits(tokens)
+            optimizer = torch.optim.Adam([state["values"]], lr=self.config.lr)
+            for _ in range(self.config.steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(self.handle.target_logits(tokens), tokens.target_ids)
+                loss.backward()
+                optimizer.step()
+            logger.debug("grace batch of %d: edit loss %.4f", len(batch), loss.item())
+        finally:
+            self._local.training = None
+        values = state["values"].detach()
+        if not torch.isfinite(values).all():
+            raise NonFiniteUpdateError(
+                "GRACE's value training diverged (non-finite values); the batch was "
+                "rejected and the codebook left unchanged"
+            )
+        radii = torch.full((len(batch),), self.config.radius, device=values.device)
+        entries = _Entries(state["keys"], values, radii)
+        self._batches.append(entries)
+        self._codebook = None
+        return GRACEEdit(self, entries)
+
+    def _undo(self, entries: _Entries) -> None:
+        if entries.undone:
+            raise RuntimeError("this edit was already undone")
+        if entries not in self._batches:
+            raise RuntimeError(
+                "this edit is no longer held by the editor (it loaded a saved state since)"
+            )
+        self._batches.remove(entries)
+        self._codebook = None
+        entries.undone = True
+
+    # Saving ------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """Keys, values and radii as safetensors, the settings as JSON."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        codebook = self._entries()
+        if codebook is None:
+            codebook = (
+                torch.zeros(0, self.key_width),
+                torch.zeros(0, self.value_width),
+                torch.zeros(0),
+            )
+        tensors = dict(zip(("keys", "values", "radii"), codebook, strict=True))
+        tensors = {key: value.cpu().contiguous() for key, value in tensors.items()}
+        save_file(tensors, str(directory / TENSORS_FILE))
+        record = {
+            "method": self.name,
+            "model": self.handle.name,
+            "config": asdict(self.config),
+            "module": self.module_name,
+            "entries": int(codebook[0].shape[0]),
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    def load(self, directory: str | Path) -> None:
+        """Take over a saved codebook and its settings.
+
+        Widths are checked against this model before anything changes. The
+        loaded entries count as one earlier batch that cannot be undone;
+        batches applied before loading can no longer be undone.
+        """
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"no saved GRACE codebook in {directory} (missing {CONFIG_FILE})"
+            )
+        record = json.loads((directory / CONFIG_FILE).read_text())
+        if record.get("method") != self.name:
+            raise ValueError(f"{directory} holds a '{record.get('method')}' editor, not GRACE")
+        if record["model"] != self.handle.name:
+            logger.warning(
+                "loading GRACE saved for model '%s' into '%s'", record["model"], self.handle.name
+            )
+        tensors = load_file(str(directory / TENSORS_FILE))
+        config = GRACEConfig(**{**record["config"], "module": record["module"]})
+        d_out, d_in = self.handle.weight_of(self._resolve(config)).shape
+        keys, values, radii = tensors["keys"], tensors["values"], tensors["radii"]
+        if keys.shape[1:] != (d_in,) or values.shape[1:] != (d_out,):
+            raise ValueError(
+                f"{directory}: keys/values of width {keys.shape[1]}/{values.shape[1]} do not "
+                f"fit '{record['module']}' ({d_in} in, {d_out} out)"
+            )
+        self._build(config)
+        if keys.shape[0]:
+            device = self.handle.device
+            self._batches = [_Entries(keys.to(device), values.to(device), radii.to(device))]
