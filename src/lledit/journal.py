@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lledit.data.request import EditRequest
-from lledit.methods.base import EditMethod, WeightDelta, add_weight_deltas
+from lledit.methods.base import EditMethod, WeightDelta, add_weight_deltas, edits_weights
 from lledit.model import ModelHandle
 
 APPLIED, UNDONE, FAILED = "applied", "undone", "failed"
@@ -295,11 +295,19 @@ class JournaledModel:
     On construction the model (freshly loaded, unedited) is brought to the
     journal's state by replaying the applied batches; nothing is recomputed.
     Without an editor it can replay and undo but not edit (export, history).
+    Editors whose batches are not weight deltas (ELDER, GRACE) are refused:
+    nothing of theirs could be stored or replayed.
     """
 
     def __init__(
         self, handle: ModelHandle, journal: Journal, editor: EditMethod | None = None
     ) -> None:
+        if editor is not None and not edits_weights(editor):
+            raise JournalError(
+                f"method '{editor.name}' keeps its edits in its own memory (adapters or a "
+                "codebook), not in weight deltas, so the journal could not replay them; "
+                "journal a weight-editing method, or keep this editor with its save(dir)"
+            )
         self.handle = handle
         self.journal = journal
         self.editor = editor

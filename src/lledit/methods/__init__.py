@@ -14,8 +14,11 @@ from lledit.methods.base import (
     NonFiniteUpdateError,
     WeightDelta,
     apply_weight_deltas,
+    edits_weights,
 )
+from lledit.methods.elder import ElderConfig, ElderEditor
 from lledit.methods.ft import FineTune, FTConfig
+from lledit.methods.grace import GRACE, GRACEConfig
 from lledit.methods.malmen import MALMEN
 from lledit.methods.memit import MEMIT, MEMITConfig
 from lledit.methods.mend import MEND
@@ -24,7 +27,8 @@ from lledit.methods.rledit import RLEdit
 from lledit.model import ModelHandle
 
 METHODS: dict[str, type] = {
-    method.name: method for method in (NoEdit, FineTune, MEND, MALMEN, RLEdit, MEMIT, AlphaEdit)
+    method.name: method
+    for method in (NoEdit, FineTune, MEND, MALMEN, RLEdit, MEMIT, AlphaEdit, ElderEditor, GRACE)
 }
 
 
@@ -110,6 +114,7 @@ def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
 
 
 __all__ = [
+    "GRACE",
     "MALMEN",
     "MEMIT",
     "MEND",
@@ -118,8 +123,11 @@ __all__ = [
     "AlphaEditConfig",
     "AppliedEdit",
     "EditMethod",
+    "ElderConfig",
+    "ElderEditor",
     "FTConfig",
     "FineTune",
+    "GRACEConfig",
     "MEMITConfig",
     "NoEdit",
     "NonFiniteUpdateError",
@@ -128,6 +136,7 @@ __all__ = [
     "WeightDelta",
     "apply_weight_deltas",
     "config_fields",
+    "edits_weights",
     "make_editor",
     "method_class",
     "parse_settings",

@@ -38,6 +38,16 @@ class EditMethod(Protocol):
     def config_dict(self) -> dict[str, Any]: ...
 
 
+def edits_weights(method: EditMethod) -> bool:
+    """Whether every batch the method applies is a `WeightDelta` (or changes nothing).
+
+    Only such batches can be journaled and replayed. Methods that keep edits
+    in their own memory (adapters, a codebook) say so with the class
+    attribute `edits_weights = False`; the rest need not declare anything.
+    """
+    return getattr(method, "edits_weights", True)
+
+
 class NoChange:
     """The record of a batch that changed nothing."""
 
