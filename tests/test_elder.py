@@ -1,0 +1,521 @@
+"""ELDER and GRACE on tiny random models: deferral, routing, training, undo, save/load."""
+
+import json
+
+import pytest
+import torch
+from conftest import assert_weights_equal, make_tiny_model, snapshot
+from transformers.pytorch_utils import Conv1D
+from typer.testing import CliRunner
+
+from lledit import EditRequest, make_editor
+from lledit.cli import app
+from lledit.eval import evaluate
+from lledit.eval.scoring import score_pairs
+from lledit.journal import Journal, JournaledModel, JournalError
+from lledit.methods.elder import MixtureOfLoRA
+from lledit.model import ModelHandle, SequenceWatch
+from lledit.tokens import edit_batch
+
+UNRELATED = [
+    "The chemical symbol for gold is",
+    "The largest planet is",
+    "Microsoft is based in",
+    "Apple was founded by",
+    "What is the native language of",
+    "Stephen King wrote other",
+    "The capital of Japan is",
+    "J. K. Rowling",
+]
+# Every sequence uses the adapters: the radius exceeds the largest code distance.
+ALWAYS = {"deferral_radius": 100}
+
+
+def same_model(handle: ModelHandle, dtype: torch.dtype | None = None) -> ModelHandle:
+    """A fresh, unedited copy of the tiny model behind `handle` (same seed, same weights)."""
+    model = make_tiny_model(handle.arch.name, len(handle.tokenizer), dtype or handle.dtype)
+    return ModelHandle(model, handle.tokenizer, handle.name)
+
+
+def logits(handle: ModelHandle, prompts: list[str], side: str = "right") -> torch.Tensor:
+    tokenizer = handle.tokenizer
+    tokenizer.padding_side = side
+    try:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    with torch.no_grad():
+        return handle.model(**encoded, use_cache=False).logits
+
+
+def per_prompt(handle: ModelHandle, prompts: list[str]) -> list[torch.Tensor]:
+    return [logits(handle, [prompt]) for prompt in prompts]
+
+
+def all_equal(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def target_logprob(handle: ModelHandle, requests: list[EditRequest]) -> torch.Tensor:
+    return score_pairs(
+        handle, [r.prompt for r in requests], [r.target_new for r in requests]
+    ).logprob
+
+
+# The shared pieces ------------------------------------------------------------------------------
+
+
+def test_prompt_ends_with_left_and_right_padding(tiny):
+    prompts = ["The capital of France is", "Harry"]
+    lengths = [len(tiny.tokenizer(p)["input_ids"]) for p in prompts]
+    tokens = edit_batch(tiny, prompts, ["Rome", "Potter"])
+    assert tokens.prompt_ends.tolist() == [n - 1 for n in lengths]
+    watch = SequenceWatch(tiny)
+    seen = []
+    layer = tiny.module(f"{tiny.arch.layers}.0")
+    hook = layer.register_forward_hook(
+        lambda module, args, output: seen.append(
+            watch.prompt_ends(output.shape[0], output.shape[1], output.device).tolist()
+        )
+    )
+    try:
+        logits(tiny, prompts, "right")
+        logits(tiny, prompts, "left")
+        with tiny.prompt_ends(torch.tensor([2, 0])):
+            logits(tiny, prompts)
+    finally:
+        hook.remove()
+        watch.remove()
+    width = max(lengths)
+    assert seen == [[n - 1 for n in lengths], [width - 1, width - 1], [2, 0]]
+
+
+# ELDER ----------------------------------------------------------------------------------------
+
+
+def test_mixture_computes_only_the_selected_loras():
+    generator = torch.Generator().manual_seed(0)
+    mixture = MixtureOfLoRA(6, 5, n_loras=4, rank=3, generator=generator)
+    assert not mixture.lora_b.any()
+    with torch.no_grad():
+        mixture.lora_b.normal_(generator=generator)
+    x = torch.randn(2, 3, 6, generator=generator)
+    indices = torch.tensor([[0, 2], [3, 2]])
+    weights = torch.tensor([[0.6, 0.3], [0.5, 0.1]])
+    out = mixture(x, indices, weights)
+    for row in range(2):
+        expected = sum(
+            weights[row, j]
+            * x[row]
+            @ mixture.lora_a[indices[row, j]].T
+            @ mixture.lora_b[indices[row, j]].T
+            for j in range(2)
+        )
+        torch.testing.assert_close(out[row], expected)
+    out.sum().backward()
+    for grad in (mixture.lora_a.grad, mixture.lora_b.grad):
+        assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+        assert all(grad[j].abs().sum() > 0 for j in (0, 2, 3))
+
+
+def test_mixture_wraps_linear_and_conv1d():
+    generator = torch.Generator()
+    linear = MixtureOfLoRA.for_layer(torch.nn.Linear(7, 3), 4, 2, generator)
+    conv = MixtureOfLoRA.for_layer(Conv1D(3, 7), 4, 2, generator)  # Conv1D(nf=out, nx=in)
+    for mixture in (linear, conv):
+        assert mixture.lora_a.shape == (4, 2, 7) and mixture.lora_b.shape == (4, 3, 2)
+    with pytest.raises(TypeError, match="not a linear layer"):
+        MixtureOfLoRA.for_layer(torch.nn.LayerNorm(3), 4, 2, generator)
+
+
+def test_adapted_layer_output_is_base_plus_the_selected_loras(tiny, requests_small):
+    editor = make_editor("elder", tiny, **ALWAYS)
+    editor.apply(requests_small)
+    position = len(editor.modules) - 1
+    module = tiny.module(editor.modules[position])
+    captured = []
+    hook = module.register_forward_hook(
+        lambda m, args, output: captured.append((args[0], output, editor.current_routing))
+    )
+    try:
+        logits(tiny, [r.prompt for r in requests_small])
+    finally:
+        hook.remove()
+    x, output, routing = captured[0]
+    assert routing.indices.shape == (3, len(editor.layers), 2)
+    expected = module.forward(x) + editor.adapters[position](
+        x, routing.indices[:, position], routing.weights[:, position]
+    )
+    torch.testing.assert_close(output, expected)
+    assert not torch.allclose(output, module.forward(x))
+
+
+def test_elder_raises_efficacy_and_trains_only_its_own_weights(tiny, requests_small):
+    before = snapshot(tiny)
+    efficacy_before = evaluate(tiny, requests_small)[0]["efficacy"]
+    editor = make_editor("elder", tiny)
+    applied = editor.apply(requests_small)
+    assert evaluate(tiny, requests_small)[0]["efficacy"] >= max(0.9, efficacy_before + 0.5)
+    assert_weights_equal(tiny, before)
+    assert all(p.grad is None and not p.requires_grad for p in tiny.model.parameters())
+    assert applied.codes.shape == (3, len(editor.layers) * 4)
+    assert (applied.codes.sum(dim=1) == 2 * len(editor.layers)).all()
+    config = editor.config_dict()
+    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 4
+
+
+def test_elder_defers_exactly_to_the_base_model(tiny, requests_small):
+    prompts = [r.prompt for r in requests_small]
+    base_single = per_prompt(tiny, UNRELATED)
+    mixed = [prompts[0], *UNRELATED]
+    base_mixed = logits(tiny, mixed)
+    editor = make_editor("elder", tiny, layers="1-3", deferral_radius=1)
+    assert all(
+        torch.equal(a, b) for a, b in zip(per_prompt(tiny, UNRELATED), base_single, strict=True)
+    )
+    assert torch.equal(logits(tiny, mixed), base_mixed)
+
+    applied = editor.apply(requests_small)
+    codes = editor.codes(UNRELATED)
+    # With radius 1 only an exact code match uses the adapters.
+    deferred = [
+        index
+        for index, code in enumerate(codes)
+        if not (code[None] == applied.codes).all(dim=1).any()
+    ]
+    assert len(deferred) >= 2
+    for index in deferred:
+        assert torch.equal(logits(tiny, [UNRELATED[index]]), base_single[index])
+    edited_mixed = logits(tiny, mixed)
+    for index in deferred:
+        assert torch.equal(edited_mixed[index + 1], base_mixed[index + 1])
+    assert not torch.allclose(edited_mixed[0], base_mixed[0])
+
+
+def test_elder_scores_the_same_with_left_and_right_padding(tiny, requests_small):
+    make_editor("elder", tiny).apply(requests_small)
+    prompts = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
+    targets = [r.target_new for r in requests_small] * 2
+    right = score_pairs(tiny, prompts, targets, padding_side="right")
+    left = score_pairs(tiny, prompts, targets, padding_side="left")
+    assert torch.equal(right.token_accuracy, left.token_accuracy)
+    torch.testing.assert_close(right.logprob, left.logprob, atol=1e-4, rtol=0)
+
+
+def test_generation_keeps_the_prompt_allocation_for_every_token(tiny, requests_small):
+    editor = make_editor("elder", tiny, **ALWAYS)
+    editor.apply(requests_small)
+    prompts = ["The capital of France is", "Harry Potter was written by"]
+    used = []
+    hook = tiny.module(editor.modules[0]).register_forward_hook(
+        lambda m, args, output: used.append((args[0].shape[1], editor.current_routing.indices))
+    )
+    tokenizer = tiny.tokenizer
+    tokenizer.padding_side = "left"
+    try:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+        out = tiny.model.generate(
+            **encoded,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    finally:
+        tokenizer.padding_side = "right"
+        hook.remove()
+    prompt_length = encoded["input_ids"].shape[1]
+    assert [length for length, _ in used] == [prompt_length, 1, 1, 1]
+    assert all(torch.equal(indices, used[0][1]) for _, indices in used)
+    fresh_codes = editor.codes(prompts).view(2, len(editor.layers), -1)
+    assert torch.equal(fresh_codes.nonzero()[:, 2].view(2, len(editor.layers), 2).sort(-1)[0],
+                       used[0][1].sort(-1)[0])  # fmt: skip
+
+    # Teacher-forcing the generated text with the prompt's end given explicitly
+    # routes once per sequence too, and gives the logits generation saw.
+    mask = torch.cat([encoded["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.no_grad(), tiny.prompt_ends(torch.full((2,), prompt_length - 1)):
+        forced = tiny.model(
+            input_ids=out.sequences, attention_mask=mask, position_ids=positions, use_cache=False
+        ).logits
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(
+            step_logits, forced[:, prompt_length - 1 + step], atol=1e-4, rtol=1e-4
+        )
+
+
+def test_cached_pass_without_its_prompt_pass_is_an_error(tiny, requests_small):
+    editor = make_editor("elder", tiny, **ALWAYS)
+    editor.apply(requests_small)
+    encoded = tiny.tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        cache = tiny.model(**encoded, use_cache=True).past_key_values
+        tiny.model(**tiny.tokenizer(["A", "B"], return_tensors="pt"), use_cache=False)
+        with pytest.raises(RuntimeError, match="extending a KV cache"):
+            tiny.model(input_ids=torch.tensor([[5]]), past_key_values=cache)
+
+
+def test_guided_loss_routes_rephrases_to_the_edit_allocation(tiny):
+    facts = [
+        ("The capital of France is", "Rome"),
+        ("The Eiffel Tower is located in the city of", "Tokyo"),
+        ("Harry Potter was written by", "Stephen King"),
+        ("The chemical symbol for gold is", "Fe"),
+        ("The largest planet is", "Mars"),
+        ("Microsoft is based in", "Paris"),
+    ]
+    requests = [
+        EditRequest(prompt, target, rephrases=[f"So, {prompt}", f"Well, {prompt}"])
+        for prompt, target in facts
+    ]
+
+    def agreement(guide_weight: float) -> tuple[float, float]:
+        """Mean fraction of each rephrase's chosen LoRAs that lie in its own edit's
+        allocation, and in the other edits' allocations (chance: k/N = 0.5)."""
+        handle = same_model(tiny)
+        editor = make_editor("elder", handle, guide_weight=guide_weight, seed=1)
+        allocation = editor.apply(requests).allocation
+        layers, n = len(editor.layers), editor.config.n_loras
+        wanted = torch.zeros(len(requests), layers, n, dtype=torch.bool)
+        wanted.scatter_(-1, allocation, True)
+        own, other = [], []
+        for index, request in enumerate(requests):
+            codes = editor.codes(request.rephrases).view(-1, 1, layers, n)
+            shared = (codes & wanted).sum(-1).float().mean(dim=(0, 2)) / 2
+            own.append(shared[index])
+            other.extend(shared[[i for i in range(len(requests)) if i != index]])
+        return float(torch.stack(own).mean()), float(torch.stack(other).mean())
+
+    guided_own, guided_other = agreement(1.0)
+    unguided_own, unguided_other = agreement(0.0)
+    assert guided_own >= 0.75 and guided_own - guided_other >= 0.2
+    assert unguided_own - unguided_other < 0.2  # without the guided loss: chance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elder_undo_restores_outputs_bit_for_bit(tiny, requests_small, dtype):
+    tiny.model.to(dtype)
+    weights = snapshot(tiny)
+    probe = [r.prompt for r in requests_small] + UNRELATED[:3]
+    base = logits(tiny, probe)
+    editor = make_editor("elder", tiny, **ALWAYS)
+    first = editor.apply(requests_small[:2])
+    after_first = logits(tiny, probe)
+    second = editor.apply(requests_small[2:])
+    assert not torch.equal(logits(tiny, probe), after_first)
+    second.undo()
+    assert torch.equal(logits(tiny, probe), after_first)
+    first.undo()
+    assert torch.equal(logits(tiny, probe), base)
+    assert_weights_equal(tiny, weights)
+    with pytest.raises(RuntimeError, match="already undone"):
+        first.undo()
+
+
+def test_elder_undo_out_of_order_subtracts_the_batch(tiny, requests_small):
+    editor = make_editor("elder", tiny, **ALWAYS)
+    initial = [p.detach().clone() for p in editor._parameters()]
+    first = editor.apply(requests_small[:2])
+    second = editor.apply(requests_small[2:])
+    first.undo()
+    assert torch.equal(editor._stored_codes(), second.codes)
+    second.undo()
+    assert editor._stored_codes() is None
+    for parameter, value in zip(editor._parameters(), initial, strict=True):
+        torch.testing.assert_close(parameter, value, atol=1e-6, rtol=0)
+
+
+def test_two_edited_models_do_not_interfere(tiny, requests_small):
+    other = same_model(tiny)
+    probe = [r.prompt for r in requests_small]
+    base = logits(other, probe)
+    first = make_editor("elder", tiny, **ALWAYS)
+    second = make_editor("elder", other, **ALWAYS, seed=3)
+    first.apply(requests_small)
+    assert torch.equal(logits(other, probe), base)
+    edited_first = logits(tiny, probe)
+    second.apply(requests_small[:1])
+    assert torch.equal(logits(tiny, probe), edited_first)
+    assert not torch.equal(logits(other, probe), base)
+    assert not torch.equal(first.router, second.router)
+
+
+def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
+    editor = make_editor("elder", tiny, layers="1-3", rank=4, deferral_radius=3, seed=5)
+    editor.apply(requests_small)
+    probe = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
+    probe += UNRELATED
+    expected = logits(tiny, probe)
+    editor.save(tmp_path / "elder")
+
+    restored = same_model(tiny)
+    loaded = make_editor("elder", restored)
+    loaded.load(tmp_path / "elder")
+    assert loaded.config_dict() == editor.config_dict()
+    assert torch.equal(loaded._stored_codes(), editor._stored_codes())
+    assert torch.equal(logits(restored, probe), expected)
+    # The allocation generator continues where the saved editor left off.
+    assert torch.equal(loaded._allocations(["x"]), editor._allocations(["x"]))
+
+    with pytest.raises(FileNotFoundError, match="no saved ELDER"):
+        loaded.load(tmp_path / "nothing")
+    other_arch = "gpt2" if tiny.arch.name == "llama" else "llama"
+    other = ModelHandle(make_tiny_model(other_arch, len(tiny.tokenizer)), tiny.tokenizer, "other")
+    with pytest.raises(ValueError, match="adapts"):
+        make_editor("elder", other).load(tmp_path / "elder")
+    (tmp_path / "elder" / "elder.json").write_text(
+        (tmp_path / "elder" / "elder.json").read_text().replace('"rank": 4', '"rank": 2')
+    )
+    with pytest.raises(ValueError, match="should have shape"):
+        loaded.load(tmp_path / "elder")
+    assert torch.equal(logits(restored, probe), expected)  # a refused load changes nothing
+    make_editor("grace", same_model(tiny)).save(tmp_path / "grace")
+    (tmp_path / "grace" / "elder.json").write_text((tmp_path / "grace" / "grace.json").read_text())
+    with pytest.raises(ValueError, match="'grace' editor, not ELDER"):
+        loaded.load(tmp_path / "grace")
+
+
+def test_elder_config_errors(tiny):
+    cases = [
+        ({"top_k": 5}, r"top_k \(5\) cannot exceed n_loras \(4\)"),
+        ({"rank": 0}, "rank must be at least 1"),
+        ({"lr": float("nan")}, "lr must be positive"),
+        ({"guide_weight": -1.0}, "guide_weight must be >= 0"),
+        ({"deferral_radius": 0}, "deferral_radius must be at least 1"),
+        ({"layers": "1-2", "query_layer": 1}, "query_layer must lie below"),
+        ({"layers": "9"}, "layer 9 does not exist"),
+        ({"part": "mlp"}, "not a linear layer"),
+    ]
+    for settings, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            make_editor("elder", tiny, **settings)
+    with pytest.raises(ValueError, match="at least one request"):
+        make_editor("elder", tiny).apply([])
+
+
+# GRACE ----------------------------------------------------------------------------------------
+
+
+def test_grace_hit_moves_towards_the_target_and_miss_is_exact(tiny, requests_small):
+    base_single = per_prompt(tiny, UNRELATED)
+    mixed = [requests_small[0].prompt, *UNRELATED]
+    base_mixed = logits(tiny, mixed)
+    logprob_before = target_logprob(tiny, requests_small)
+    efficacy_before = evaluate(tiny, requests_small)[0]["efficacy"]
+    editor = make_editor("grace", tiny, radius=1e-3)
+    assert torch.equal(logits(tiny, mixed), base_mixed)
+    editor.apply(requests_small)
+    assert editor.size == 3
+    assert (target_logprob(tiny, requests_small) > logprob_before + 1).all()
+    assert evaluate(tiny, requests_small)[0]["efficacy"] > efficacy_before
+    assert all(
+        torch.equal(a, b) for a, b in zip(per_prompt(tiny, UNRELATED), base_single, strict=True)
+    )
+    edited_mixed = logits(tiny, mixed)
+    assert torch.equal(edited_mixed[1:], base_mixed[1:])
+    assert not torch.allclose(edited_mixed[0], base_mixed[0])
+
+
+def test_grace_generation_keeps_the_value_for_every_token(tiny, requests_small):
+    encoded = tiny.tokenizer([requests_small[0].prompt], return_tensors="pt")
+    base = logits(tiny, [requests_small[0].prompt])[:, -1]
+    editor = make_editor("grace", tiny, radius=1e-3)
+    editor.apply(requests_small[:1])
+    out = tiny.model.generate(
+        **encoded,
+        max_new_tokens=3,
+        min_new_tokens=3,
+        do_sample=False,
+        pad_token_id=tiny.tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    length = encoded["input_ids"].shape[1]
+    with torch.no_grad(), tiny.prompt_ends(torch.tensor([length - 1])):
+        forced = tiny.model(input_ids=out.sequences, use_cache=False).logits
+    assert not torch.allclose(out.logits[0], base)
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits, forced[:, length - 1 + step], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grace_undo_removes_its_entries(tiny, requests_small, dtype):
+    tiny.model.to(dtype)
+    probe = [r.prompt for r in requests_small]
+    base = logits(tiny, probe)
+    editor = make_editor("grace", tiny)
+    first = editor.apply(requests_small[:1])
+    after_first = logits(tiny, probe)
+    second = editor.apply(requests_small[1:])
+    assert editor.size == 3
+    first.undo()
+    assert editor.size == 2
+    second.undo()
+    assert editor.size == 0 and torch.equal(logits(tiny, probe), base)
+    editor.apply(requests_small[:1]).undo()
+    with pytest.raises(RuntimeError, match="already undone"):
+        second.undo()
+    assert not torch.equal(after_first, base)
+
+
+def test_grace_save_load_round_trip(tiny, requests_small, tmp_path):
+    editor = make_editor("grace", tiny, layer=1, radius=0.5, steps=10)
+    editor.apply(requests_small)
+    probe = [r.prompt for r in requests_small] + UNRELATED
+    expected = logits(tiny, probe)
+    editor.save(tmp_path / "grace")
+    restored = same_model(tiny)
+    loaded = make_editor("grace", restored)
+    loaded.load(tmp_path / "grace")
+    assert loaded.size == 3 and loaded.config_dict() == editor.config_dict()
+    assert torch.equal(logits(restored, probe), expected)
+
+
+def test_grace_config_errors(tiny):
+    for settings, message in [
+        ({"radius": 0.0}, "radius must be positive"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"module": "model.nowhere"}, "no module named"),
+    ]:
+        with pytest.raises((ValueError, KeyError), match=message):
+            make_editor("grace", tiny, **settings)
+
+
+# Journal and CLI -------------------------------------------------------------------------------
+
+
+def test_journal_refuses_memory_methods(tiny, requests_small, tmp_path):
+    for name in ("elder", "grace"):
+        with pytest.raises(JournalError, match=f"method '{name}' keeps its edits"):
+            JournaledModel(tiny, Journal(tmp_path / "j.db"), make_editor(name, tiny))
+    folder = tmp_path / "model"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps(requests_small[0].to_dict()) + "\n")
+    result = CliRunner().invoke(
+        app,
+        ["edit", str(edits), "--journal", str(tmp_path / "k.db"), "--method", "grace",
+         "--model", str(folder)],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "keeps its edits" in result.output
+
+
+def test_bench_runs_elder_and_grace(tiny, tmp_path):
+    folder = tmp_path / "model"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "-m", "elder", "-m", "grace", "--model", str(folder), "--edits", "4",
+         "--batch-size", "2", "--set", "elder.steps=5", "--set", "grace.steps=5",
+         "--out", str(out)],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "elder" / "results.json").is_file() and (out / "grace" / "results.json").is_file()
