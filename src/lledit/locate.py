@@ -77,9 +77,9 @@ class LocateConfig:
     module: str | None = None
     """The projection edited in each layer (e.g. `mlp.down_proj`); None: the MLP
     output projection. It must write into the residual stream."""
-    value_steps: int = 20
+    value_steps: int = 10
     """Most gradient steps of the target-value optimisation."""
-    value_lr: float = 0.5
+    value_lr: float = 1.0
     """Adam learning rate of the target-value optimisation."""
     clamp: float = 0.75
     """Largest norm of the hidden-state change, as a fraction of the hidden state's norm."""
@@ -87,7 +87,7 @@ class LocateConfig:
     """Weight of the KL term that keeps the subject's other predictions ("{subject} is a")."""
     early_stop: float = 0.9
     """Stop the value optimisation once the mean probability of the targets reaches this."""
-    prefix_count: int = 3
+    prefix_count: int = 2
     """Random prefixes (sampled from the model) that keys and values are averaged over."""
     prefix_length: int = 6
     """Tokens sampled for each prefix after its first word."""

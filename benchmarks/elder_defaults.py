@@ -1,0 +1,114 @@
+"""How ELDER's and GRACE's defaults were chosen, and ELDER's deferral trade-off.
+
+ELDER: each training setting edits `--edits` zsRE eval requests in sequence
+(batches of 10) and then scores all of them on the final model once per
+deferral radius ε. ε only decides at inference whether an input's allocation
+code is close enough to a stored one, so one edit sequence gives the whole
+ε table: a larger ε lets more rephrases (generalization) but also more
+unrelated prompts (locality) through the adapters.
+
+GRACE: the distance from each edit prompt's key to its rephrases' keys and to
+unrelated prompts' keys, which brackets a sensible radius, then the metrics
+at a few radii.
+
+Run: `python benchmarks/elder_defaults.py [--edits 100]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lledit import evaluate, load_dataset, load_model, make_editor
+from lledit.eval import locality_reference
+
+ELDER_SETTINGS = [  # (lr, guide_weight, steps)
+    (5e-3, 0.01, 50),
+    (5e-3, 0.1, 50),
+    (2e-2, 0.1, 50),
+]
+RADII = (4, 8, 10, 12, 14, 16)
+GRACE_RADII = (1.0, 10.0, 30.0)
+METRICS = ("efficacy_exact", "generalization_exact", "locality", "efficacy", "generalization")
+
+
+def edit_all(editor, requests, batch_size: int) -> float:
+    """Apply every batch in order; the seconds per edit."""
+    started = time.perf_counter()
+    for start in range(0, len(requests), batch_size):
+        editor.apply(requests[start : start + batch_size])
+    return (time.perf_counter() - started) / len(requests)
+
+
+def row(label: str, metrics: dict[str, float], per_edit: float) -> str:
+    scores = " | ".join(f"{metrics[name]:.3f}" for name in METRICS)
+    return f"| {label} | {scores} | {per_edit:.2f} |"
+
+
+@torch.no_grad()
+def grace_key_distances(handle, requests) -> str:
+    """Median distance from each prompt's GRACE key to its rephrases' and to other prompts'."""
+    editor = make_editor("grace", handle)
+    module = handle.module(editor.module_name)
+    captured: list[torch.Tensor] = []
+
+    def keep(mod, inputs):
+        captured.append(inputs[0][0, -1].float())
+
+    hook = module.register_forward_pre_hook(keep)
+    try:
+        keys, rephrase_keys = [], []
+        for request in requests:
+            for text, store in [(request.prompt, keys), (request.rephrases[0], rephrase_keys)]:
+                encoded = handle.tokenizer(text, return_tensors="pt").to(handle.device)
+                handle.model.base_model(**encoded, use_cache=False)
+                store.append(captured.pop())
+    finally:
+        hook.remove()
+        editor.remove()
+    keys, rephrase_keys = torch.stack(keys), torch.stack(rephrase_keys)
+    to_rephrase = (keys - rephrase_keys).norm(dim=1)
+    others = torch.cdist(keys, keys)
+    others = others[~torch.eye(len(keys), dtype=torch.bool)]
+    return (
+        f"GRACE key norm {keys.norm(dim=1).median():.1f}; distance to own rephrase "
+        f"{to_rephrase.median():.1f}, to another edit prompt {others.median():.1f} (medians)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=10)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    handle = load_model()
+    requests = load_dataset("zsre", "eval", limit=args.edits).requests
+    reference = locality_reference(handle, requests)
+    header = "| " + " | ".join(METRICS) + " | s/edit |"
+    print(f"ELDER, {len(requests)} zsRE edits in batches of {args.batch_size}\n")
+    print("| lr, λ, steps, ε " + header)
+    print("|---" * (len(METRICS) + 2) + "|")
+    for lr, guide, steps in ELDER_SETTINGS:
+        editor = make_editor("elder", handle, lr=lr, guide_weight=guide, steps=steps)
+        per_edit = edit_all(editor, requests, args.batch_size)
+        for radius in RADII:
+            editor.deferral_radius = radius
+            metrics, _ = evaluate(handle, requests, reference=reference)
+            print(row(f"{lr:g}, {guide:g}, {steps}, {radius}", metrics, per_edit), flush=True)
+        editor.remove()
+    print("\n" + grace_key_distances(handle, requests) + "\n")
+    print("| GRACE radius " + header)
+    print("|---" * (len(METRICS) + 2) + "|")
+    for radius in GRACE_RADII:
+        editor = make_editor("grace", handle, radius=radius)
+        per_edit = edit_all(editor, requests, args.batch_size)
+        metrics, _ = evaluate(handle, requests, reference=reference)
+        print(row(f"{radius:g}", metrics, per_edit), flush=True)
+        editor.remove()
+
+
+if __name__ == "__main__":
+    main()
