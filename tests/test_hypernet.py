@@ -670,7 +670,8 @@ def test_checkpoint_round_trip_and_editor_undo(trained, tokenizer):
     handle = fresh(arch, tokenizer)
     before = snapshot(handle)
     batch = make_requests(3)
-    editor = make_editor("malmen", handle, checkpoint=str(out))
+    editor = make_editor("malmen", handle, checkpoint=out)
+    assert json.dumps(editor.config_dict())  # a Path is kept as text, so results serialise
     assert editor.config_dict()["trained_with"]["layers"] == "2-3"
     applied = editor.apply(batch)
     changed = {n for n, v in handle.model.state_dict().items() if not torch.equal(v, before[n])}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -20,7 +21,11 @@ from lledit.tokens import edit_batch
 @dataclass
 class HypernetEditConfig:
     checkpoint: str | None = None
-    """Folder written by `lledit train` for this method and model."""
+    """Folder written by `lledit train` for this method and model (a path is kept as text)."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint = os.fspath(self.checkpoint)
 
 
 class HypernetEditor:
