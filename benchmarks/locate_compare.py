@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--rledit-checkpoint", type=Path, help="add rledit with this network")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    methods = args.methods.split(",") + (["rledit"] if args.rledit_checkpoint else [])
+    methods = [name for name in args.methods.split(",") if name]
+    methods += ["rledit"] if args.rledit_checkpoint else []
     dataset = load_dataset(args.data, "eval", limit=args.edits)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
