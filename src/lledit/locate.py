@@ -311,6 +311,18 @@ def _rng_devices(handle: ModelHandle) -> list[int]:
 
 
 @torch.no_grad()
+def _sampling(tokenizer, top_k: int, length: int) -> GenerationConfig:
+    """Top-k sampling of exactly `length` new tokens."""
+    return GenerationConfig(
+        do_sample=True,
+        top_k=top_k,
+        max_new_tokens=length,
+        min_new_tokens=length,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def sample_prefixes(handle: ModelHandle, count: int, length: int, seed: int) -> list[str]:
     """Short texts sampled from the model, each ending in ". ", to put before prompts.
 
@@ -320,14 +332,7 @@ def sample_prefixes(handle: ModelHandle, count: int, length: int, seed: int) -> 
     reproducible; the global random state is left alone.
     """
     tokenizer = handle.tokenizer
-    generation = GenerationConfig(
-        do_sample=True,
-        top_k=5,
-        max_new_tokens=length,
-        min_new_tokens=length,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    generation = _sampling(tokenizer, top_k=5, length=length)
     prefixes = []
     with torch.random.fork_rng(devices=_rng_devices(handle)):
         torch.manual_seed(seed)
@@ -714,14 +719,7 @@ def _collect_from_samples(
     keys pass the hooks exactly once; no second pass over the text is needed.
     """
     tokenizer = handle.tokenizer
-    generation = GenerationConfig(
-        do_sample=True,
-        top_k=50,
-        max_new_tokens=max_length,
-        min_new_tokens=max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    generation = _sampling(tokenizer, top_k=50, length=max_length)
     with (
         torch.random.fork_rng(devices=_rng_devices(handle)),
         _collecting(handle, moments, {}),
