@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -21,11 +20,7 @@ from lledit.tokens import edit_batch
 @dataclass
 class HypernetEditConfig:
     checkpoint: str | None = None
-    """Folder written by `lledit train` for this method and model (a path is kept as text)."""
-
-    def __post_init__(self) -> None:
-        if self.checkpoint is not None:
-            self.checkpoint = os.fspath(self.checkpoint)
+    """Folder written by `lledit train` for this method and model."""
 
 
 class HypernetEditor:

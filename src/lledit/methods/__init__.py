@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any
@@ -105,11 +106,19 @@ def train_config_class(name: str) -> type:
 
 
 def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
-    """An editor for `handle`; `settings` override fields of the method's config."""
+    """An editor for `handle`; `settings` override fields of the method's config.
+
+    A path (a checkpoint, a corpus) is kept as text, so the editor's settings
+    serialise into results and journals as they are.
+    """
     method = method_class(name)
     known = [field_name for field_name, _, _ in config_fields(name)]
     for key in settings:
         _check_setting(name, key, known)
+    settings = {
+        key: os.fspath(value) if isinstance(value, os.PathLike) else value
+        for key, value in settings.items()
+    }
     return method(handle, method.config_class(**settings))
 
 
