@@ -49,29 +49,27 @@ def row(label: str, metrics: dict[str, float], per_edit: float) -> str:
 
 @torch.no_grad()
 def grace_key_distances(handle, requests) -> str:
-    """Median distance from each prompt's GRACE key to its rephrases' and to other prompts'."""
+    """Median distance from each prompt's GRACE key to its rephrase's and to other prompts'."""
     editor = make_editor("grace", handle)
     module = handle.module(editor.module_name)
+    editor.remove()
+    texts = [r.prompt for r in requests] + [r.rephrases[0] for r in requests]
+    encoded = handle.tokenizer(texts, return_tensors="pt", padding=True).to(handle.device)
+    mask = encoded["attention_mask"]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask.bool(), positions, -1).amax(dim=1)  # either padding side
     captured: list[torch.Tensor] = []
-
-    def keep(mod, inputs):
-        captured.append(inputs[0][0, -1].float())
-
-    hook = module.register_forward_pre_hook(keep)
+    hook = module.register_forward_pre_hook(
+        lambda mod, inputs: captured.append(inputs[0][torch.arange(len(texts)), last].float())
+    )
     try:
-        keys, rephrase_keys = [], []
-        for request in requests:
-            for text, store in [(request.prompt, keys), (request.rephrases[0], rephrase_keys)]:
-                encoded = handle.tokenizer(text, return_tensors="pt").to(handle.device)
-                handle.model.base_model(**encoded, use_cache=False)
-                store.append(captured.pop())
+        handle.model.base_model(**encoded, use_cache=False)
     finally:
         hook.remove()
-        editor.remove()
-    keys, rephrase_keys = torch.stack(keys), torch.stack(rephrase_keys)
+    keys, rephrase_keys = captured[0].split(len(requests))
     to_rephrase = (keys - rephrase_keys).norm(dim=1)
     others = torch.cdist(keys, keys)
-    others = others[~torch.eye(len(keys), dtype=torch.bool)]
+    others = others[~torch.eye(len(keys), dtype=torch.bool, device=keys.device)]
     return (
         f"GRACE key norm {keys.norm(dim=1).median():.1f}; distance to own rephrase "
         f"{to_rephrase.median():.1f}, to another edit prompt {others.median():.1f} (medians)"
