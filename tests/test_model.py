@@ -6,6 +6,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lledit import model as model_module
 from lledit.model import ModelHandle, ModelLoadError, load_model, resolve_dtype
+from lledit.tokens import edit_batch
 
 
 def test_weight_of_is_out_by_in_view_sharing_storage(tiny):
@@ -67,3 +68,58 @@ def test_local_folder_loads_without_network(tiny, tmp_path):
 def test_unknown_model_id_is_not_downloaded():
     with pytest.raises(ModelLoadError, match="--allow-download"):
         load_model("nobody-here/no-such-model-xyz")
+
+
+def test_layer_of_names_the_decoder_layer(tiny):
+    assert tiny.layer_of(tiny.layer_module(2, tiny.arch.mlp_out)) == 2
+    with pytest.raises(ValueError, match="not inside a decoder layer"):
+        tiny.layer_of("lm_head")
+
+
+def test_frozen_below_replays_lower_layers_with_the_same_logits_and_gradients(tiny):
+    tokens = edit_batch(tiny, ["The capital of France is", "Water"], ["Paris", "boils at"])
+    upper = tiny.module(tiny.layer_module(2, tiny.arch.mlp_out))
+    delta = torch.nn.Parameter(
+        torch.randn(tiny.weight_of(tiny.layer_module(2, tiny.arch.mlp_out)).shape[0])
+    )
+    hook = upper.register_forward_hook(lambda module, args, output: output + delta)
+    lower_calls = []  # passes that really compute layer 0
+    counter = tiny.module(f"{tiny.arch.layers}.0.mlp").register_forward_pre_hook(
+        lambda module, args: lower_calls.append(1)
+    )
+    try:
+        expected = tiny.target_logits(tokens)
+        expected.sum().backward()
+        expected_grad, delta.grad = delta.grad.clone(), None
+        counted = len(lower_calls)
+        with tiny.frozen_below(2, tokens):
+            for _ in range(3):
+                logits = tiny.target_logits(tokens)
+                logits.sum().backward()
+                torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+                torch.testing.assert_close(delta.grad, expected_grad, rtol=0, atol=0)
+                delta.grad = None
+            other = edit_batch(tiny, ["Something else"], ["entirely"])
+            with pytest.raises(RuntimeError, match="another input"):
+                tiny.target_logits(other)
+        assert len(lower_calls) - counted == 1
+        with torch.no_grad():
+            torch.testing.assert_close(tiny.target_logits(tokens), expected, rtol=0, atol=0)
+    finally:
+        hook.remove()
+        counter.remove()
+    assert "forward" not in tiny.module(f"{tiny.arch.layers}.0").__dict__
+
+
+def test_frozen_below_refuses_a_lower_layer_that_trains(tiny):
+    tokens = edit_batch(tiny, ["The capital of France is"], ["Paris"])
+    lower = tiny.module(tiny.layer_module(0, tiny.arch.mlp_out))
+    delta = torch.nn.Parameter(
+        torch.zeros(tiny.weight_of(tiny.layer_module(0, tiny.arch.mlp_out)).shape[0])
+    )
+    hook = lower.register_forward_hook(lambda module, args, output: output + delta)
+    try:
+        with tiny.frozen_below(2, tokens), pytest.raises(ValueError, match="decoder layer 0"):
+            tiny.target_logits(tokens)
+    finally:
+        hook.remove()

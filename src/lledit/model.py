@@ -157,6 +157,65 @@ class ModelHandle:
         """The positions set by an enclosing `prompt_ends` block in this thread, if any."""
         return getattr(self._forward_context, "prompt_ends", None)
 
+    def layer_of(self, name: str) -> int:
+        """The decoder layer that holds module `name`."""
+        prefix = f"{self.arch.layers}."
+        index = name[len(prefix) :].split(".")[0] if name.startswith(prefix) else ""
+        if not index.isdigit():
+            raise ValueError(f"module '{name}' is not inside a decoder layer ({prefix}N...)")
+        return int(index)
+
+    @contextmanager
+    def frozen_below(self, layer: int, batch: TokenBatch) -> Iterator[None]:
+        """Within this block, decoder layers below `layer` run once for `batch`;
+        later passes replay what they returned.
+
+        Editors that train only modules at or above `layer` (ELDER's adapters,
+        GRACE's values) run the same batch through the model at every step;
+        the layers below give the same output each time, so only the upper
+        layers need to run. Hooks on the lower layers still see every pass.
+        A pass on any other input inside the block is refused, and so is a
+        lower layer whose output depends on something being trained.
+        """
+        lower = list(self.module(self.arch.layers))[:layer]
+        recorded: dict[int, object] = {}
+
+        def replaying(index: int, forward):
+            def run(*args, **kwargs):
+                if index not in recorded:
+                    output = forward(*args, **kwargs)
+                    if hidden_of(output).requires_grad:
+                        raise ValueError(
+                            f"decoder layer {index}'s output depends on trained parameters; "
+                            f"it cannot be replayed below layer {layer}"
+                        )
+                    recorded[index] = output
+                return recorded[index]
+
+            return run
+
+        def same_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None or not torch.equal(input_ids, batch.input_ids):
+                raise RuntimeError(
+                    "a forward pass inside frozen_below got another input than the batch "
+                    "whose lower layers it replays"
+                )
+
+        check = self.model.base_model.register_forward_pre_hook(same_input, with_kwargs=True)
+        own_forwards = [module.__dict__.get("forward") for module in lower]
+        try:
+            for index, module in enumerate(lower):
+                module.forward = replaying(index, module.forward)
+            yield
+        finally:
+            check.remove()
+            for module, forward in zip(lower, own_forwards, strict=True):
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
+
     def target_logits(self, batch: TokenBatch) -> torch.Tensor:
         """Logits (float32) at the positions that predict each target token.
 

@@ -432,15 +432,16 @@ class ElderEditor:
         optimizer = torch.optim.Adam(self._parameters(), lr=self.config.lr)
         self._local.training = True
         try:
-            for _ in range(self.config.steps):
-                optimizer.zero_grad(set_to_none=True)
-                logits = self.handle.target_logits(tokens)
-                routing = self.current_routing
-                edit_loss = F.cross_entropy(logits, tokens.target_ids)
-                guide = -routing.log_probs.gather(-1, allocation).sum(dim=(1, 2)).mean()
-                loss = edit_loss + self.config.guide_weight * guide
-                loss.backward()
-                optimizer.step()
+            with self.handle.frozen_below(self.layers[0], tokens):
+                for _ in range(self.config.steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = self.handle.target_logits(tokens)
+                    routing = self.current_routing
+                    edit_loss = F.cross_entropy(logits, tokens.target_ids)
+                    guide = -routing.log_probs.gather(-1, allocation).sum(dim=(1, 2)).mean()
+                    loss = edit_loss + self.config.guide_weight * guide
+                    loss.backward()
+                    optimizer.step()
             queries = routing.queries.detach()
             logger.debug("elder batch of %d: edit loss %.4f", len(batch), edit_loss.item())
             if not all(torch.isfinite(parameter).all() for parameter in self._parameters()):

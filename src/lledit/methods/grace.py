@@ -126,6 +126,10 @@ class GRACE:
         self.config = config
         self.module_name = module_name
         self.key_width, self.value_width = d_in, d_out
+        try:
+            self._layer = handle.layer_of(module_name)
+        except ValueError:  # a module outside the decoder layers: nothing below it to replay
+            self._layer = 0
         self._batches: list[_Entries] = []
         self._codebook: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._watch = SequenceWatch(handle)
@@ -222,14 +226,15 @@ class GRACE:
         state: dict[str, torch.Tensor] = {}
         self._local.training = state
         try:
-            with torch.no_grad():
-                self.handle.target_logits(tokens)
-            optimizer = torch.optim.Adam([state["values"]], lr=self.config.lr)
-            for _ in range(self.config.steps):
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(self.handle.target_logits(tokens), tokens.target_ids)
-                loss.backward()
-                optimizer.step()
+            with self.handle.frozen_below(self._layer, tokens):
+                with torch.no_grad():
+                    self.handle.target_logits(tokens)
+                optimizer = torch.optim.Adam([state["values"]], lr=self.config.lr)
+                for _ in range(self.config.steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(self.handle.target_logits(tokens), tokens.target_ids)
+                    loss.backward()
+                    optimizer.step()
             logger.debug("grace batch of %d: edit loss %.4f", len(batch), loss.item())
         finally:
             self._local.training = None
