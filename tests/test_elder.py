@@ -356,6 +356,11 @@ def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
     loaded.load(tmp_path / "elder")
     assert loaded.config_dict() == editor.config_dict()
     assert torch.equal(loaded._stored_codes(), editor._stored_codes())
+    held, saved = loaded._held(), editor._held()
+    assert [(r.prompt, r.target_new) for r in held[0]] == [
+        (r.prompt, r.target_new) for r in saved[0]
+    ]
+    assert torch.equal(held[1], saved[1]) and torch.equal(held[2], saved[2])
     assert torch.equal(logits(restored, probe), expected)
     # The allocation generator continues where the saved editor left off.
     assert torch.equal(loaded._allocations(["x"]), editor._allocations(["x"]))
@@ -385,6 +390,8 @@ def test_elder_config_errors(tiny):
         ({"lr": float("nan")}, "lr must be positive"),
         ({"guide_weight": -1.0}, "guide_weight must be >= 0"),
         ({"deferral_radius": 0}, "deferral_radius must be at least 1"),
+        ({"early_stop": 0.0}, r"early_stop must be in \(0, 1\]"),
+        ({"replay": -1}, "replay must be >= 0"),
         ({"layers": "1-2", "query_layer": 1}, "query_layer must lie below"),
         ({"layers": "9"}, "layer 9 does not exist"),
         ({"part": "mlp"}, "not a linear layer"),
@@ -479,6 +486,7 @@ def test_grace_config_errors(tiny):
         ({"radius": 0.0}, "radius must be positive"),
         ({"steps": 0}, "steps must be at least 1"),
         ({"lr": -1.0}, "lr must be positive"),
+        ({"early_stop": 2.0}, r"early_stop must be in \(0, 1\]"),
         ({"module": "model.nowhere"}, "no module named"),
     ]:
         with pytest.raises((ValueError, KeyError), match=message):
@@ -519,3 +527,70 @@ def test_bench_runs_elder_and_grace(tiny, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (out / "elder" / "results.json").is_file() and (out / "grace" / "results.json").is_file()
+
+
+def training_rows(handle: ModelHandle) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """Sequences in each forward pass from now on, and the hook that counts them."""
+    rows: list[int] = []
+    hook = handle.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    return rows, hook
+
+
+def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, requests_small):
+    editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=3)
+    first = editor.apply(requests_small[:2])
+    rows, hook = training_rows(tiny)
+    try:
+        editor.apply(requests_small[2:])
+    finally:
+        hook.remove()
+    assert rows == [1 + 2] * 4  # the new edit and two earlier ones, 3 steps and a last pass
+    requests, allocations = editor._rehearsal()
+    assert len(requests) == 2 and len({r.prompt for r in requests}) == 2
+    held = [r.prompt for r in requests_small]
+    everything = torch.cat([first.allocation, editor._batches[1].allocation])
+    for request, allocation in zip(requests, allocations, strict=True):
+        assert torch.equal(allocation, everything[held.index(request.prompt)])
+
+    plain = make_editor("elder", same_model(tiny), replay=0, early_stop=1.0, steps=3)
+    plain.apply(requests_small[:2])
+    rows, hook = training_rows(plain.handle)
+    try:
+        plain.apply(requests_small[2:])
+    finally:
+        hook.remove()
+    assert rows == [1] * 4
+
+
+def test_elder_codes_follow_the_current_routers(tiny, requests_small):
+    editor = make_editor("elder", tiny, replay=0, guide_weight=1.0)
+    first = editor.apply(requests_small[:2])
+    router = editor.router.detach().clone()
+    editor.apply(requests_small[2:])
+    assert not torch.equal(editor.router, router)
+    prompts = [r.prompt for r in requests_small[:2]]
+    assert torch.equal(first.codes, editor.codes(prompts))
+    assert torch.equal(editor._stored_codes()[:2], editor.codes(prompts))
+
+
+def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests_small):
+    every_step = make_editor("elder", tiny, early_stop=1.0, steps=5)
+    rows, hook = training_rows(tiny)
+    try:
+        every_step.apply(requests_small[:2])
+    finally:
+        hook.remove()
+    assert len(rows) == 5 + 1
+    every_step.remove()
+
+    at_once = make_editor("elder", tiny, early_stop=1e-9, steps=5)
+    before = [p.detach().clone() for p in at_once._parameters()]
+    rows, hook = training_rows(tiny)
+    try:
+        at_once.apply(requests_small[:2])
+    finally:
+        hook.remove()
+    assert len(rows) == 1
+    assert all(torch.equal(p, b) for p, b in zip(at_once._parameters(), before, strict=True))

@@ -59,15 +59,22 @@ class GRACEConfig:
     locality at 1.0 on 50 edits while reaching the rephrases that 1.0 missed;
     30 lowered locality to 0.58 (`benchmarks/elder_defaults.py`)."""
     steps: int = 50
-    """Adam iterations that train the values of one batch."""
-    lr: float = 0.05
-    """Adam learning rate of the values."""
+    """Most Adam iterations that train the values of one batch."""
+    early_stop: float = 0.9
+    """Training stops once the geometric mean probability of the batch's target
+    tokens reaches this; 1: run every step."""
+    lr: float = 0.5
+    """Adam learning rate of the values. On SmolLM2-135M 0.05 left a batch of
+    10 zsRE edits at loss 1.6 after 50 steps (efficacy_exact 0.3); 0.5 fit it
+    (loss 0.003, efficacy_exact 1.0)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.early_stop <= 1:
+            raise ValueError(f"early_stop must be in (0, 1], got {self.early_stop}")
         if not (math.isfinite(self.radius) and self.radius > 0):
             raise ValueError(f"radius must be positive, got {self.radius}")
 
@@ -230,12 +237,17 @@ class GRACE:
                 with torch.no_grad():
                     self.handle.target_logits(tokens)
                 optimizer = torch.optim.Adam([state["values"]], lr=self.config.lr)
-                for _ in range(self.config.steps):
-                    optimizer.zero_grad(set_to_none=True)
+                for step in range(self.config.steps + 1):
                     loss = F.cross_entropy(self.handle.target_logits(tokens), tokens.target_ids)
+                    probability = math.exp(-loss.item())
+                    if probability >= self.config.early_stop or step == self.config.steps:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-            logger.debug("grace batch of %d: edit loss %.4f", len(batch), loss.item())
+            logger.debug(
+                "grace batch of %d: %d steps, p(target) %.3f", len(batch), step, probability
+            )
         finally:
             self._local.training = None
         values = state["values"].detach()
