@@ -1,17 +1,18 @@
 """How ELDER's and GRACE's defaults were chosen, and ELDER's deferral trade-off.
 
-ELDER: each training setting edits `--edits` zsRE eval requests in sequence
-(batches of 10) and then scores all of them on the final model once per
-deferral radius ε. ε only decides at inference whether an input's allocation
-code is close enough to a stored one, so one edit sequence gives the whole
-ε table: a larger ε lets more rephrases (generalization) but also more
+ELDER: each training setting (`--elder "replay=30,n_loras=8"`, repeatable;
+an empty string is the defaults) edits `--edits` zsRE eval requests in
+sequence (batches of 10) and then scores all of them on the final model once
+per deferral radius ε. ε only decides at inference whether an input's
+allocation code is close enough to an edit's, so one edit sequence gives the
+whole ε table: a larger ε lets more rephrases (generalization) but also more
 unrelated prompts (locality) through the adapters.
 
 GRACE: the distance from each edit prompt's key to its rephrases' keys and to
 unrelated prompts' keys, which brackets a sensible radius, then the metrics
 at a few radii.
 
-Run: `python benchmarks/elder_defaults.py [--edits 100]`.
+Run: `python benchmarks/elder_defaults.py [--edits 100] [--elder SETTINGS ...] [--no-grace]`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import torch
 
 from lledit import evaluate, load_dataset, load_model, make_editor
 from lledit.eval import locality_reference
+from lledit.methods import parse_settings
 
-ELDER_SETTINGS = [  # (lr, guide_weight, steps)
-    (5e-3, 0.01, 50),
-    (5e-3, 0.1, 50),
-    (2e-2, 0.1, 50),
+ELDER_SETTINGS = [
+    "replay=0,early_stop=1",  # the paper's training: every step, no rehearsal
+    "replay=0",
+    "replay=10",
+    "",  # the defaults
 ]
-RADII = (4, 8, 10, 12, 14, 16)
+RADII = (2, 4, 6, 8, 12)
 GRACE_RADII = (1.0, 10.0, 30.0)
 METRICS = ("efficacy_exact", "generalization_exact", "locality", "efficacy", "generalization")
 
@@ -80,6 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--elder", action="append", help="ELDER settings key=value,...")
+    parser.add_argument("--no-grace", action="store_true", help="skip the GRACE tables")
     args = parser.parse_args()
     torch.manual_seed(0)
     handle = load_model()
@@ -87,16 +92,19 @@ def main() -> None:
     reference = locality_reference(handle, requests)
     header = "| " + " | ".join(METRICS) + " | s/edit |"
     print(f"ELDER, {len(requests)} zsRE edits in batches of {args.batch_size}\n")
-    print("| lr, λ, steps, ε " + header)
-    print("|---" * (len(METRICS) + 2) + "|")
-    for lr, guide, steps in ELDER_SETTINGS:
-        editor = make_editor("elder", handle, lr=lr, guide_weight=guide, steps=steps)
+    print("| settings | ε " + header)
+    print("|---" * (len(METRICS) + 3) + "|")
+    for text in args.elder or ELDER_SETTINGS:
+        settings = parse_settings("elder", [part for part in text.split(",") if part])
+        editor = make_editor("elder", handle, **settings)
         per_edit = edit_all(editor, requests, args.batch_size)
         for radius in RADII:
             editor.deferral_radius = radius
             metrics, _ = evaluate(handle, requests, reference=reference)
-            print(row(f"{lr:g}, {guide:g}, {steps}, {radius}", metrics, per_edit), flush=True)
+            print(row(f"{text or 'defaults'} | {radius}", metrics, per_edit), flush=True)
         editor.remove()
+    if args.no_grace:
+        return
     print("\n" + grace_key_distances(handle, requests) + "\n")
     print("| GRACE radius " + header)
     print("|---" * (len(METRICS) + 2) + "|")

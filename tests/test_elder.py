@@ -13,7 +13,7 @@ from lledit.cli import app
 from lledit.eval import evaluate
 from lledit.eval.scoring import score_pairs
 from lledit.journal import Journal, JournaledModel, JournalError
-from lledit.methods.elder import MixtureOfLoRA
+from lledit.methods.elder import MixtureOfLoRA, allocation_codes
 from lledit.model import ModelHandle, SequenceWatch
 from lledit.tokens import edit_batch
 
@@ -594,3 +594,25 @@ def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests
         hook.remove()
     assert len(rows) == 1
     assert all(torch.equal(p, b) for p, b in zip(at_once._parameters(), before, strict=True))
+
+
+def test_routing_anchor_brings_earlier_edits_back_to_their_allocation(tiny, requests_small):
+    def agreement(anchor_weight: float) -> tuple[float, float]:
+        """Share of the first batch's code bits on its allocation: after the
+        routers drift, and after the next batch trained."""
+        settings = {"replay": 0, "guide_weight": 1.0, "early_stop": 1.0, "steps": 30}
+        editor = make_editor("elder", same_model(tiny), anchor_weight=anchor_weight, **settings)
+        first = editor.apply(requests_small[:2])
+        wanted = allocation_codes(first.allocation, editor.config.n_loras)
+        assert torch.equal(first.codes, wanted)
+        with torch.no_grad():
+            drift = torch.randn(editor.router.shape, generator=torch.Generator().manual_seed(1))
+            editor.router.copy_(drift / 4)
+        drifted = (first.codes & wanted).sum().item() / wanted.sum().item()
+        editor.apply(requests_small[2:])
+        return drifted, (first.codes & wanted).sum().item() / wanted.sum().item()
+
+    drifted, anchored = agreement(10.0)
+    assert drifted < 1.0 and anchored == 1.0
+    drifted, free = agreement(0.0)
+    assert free < 1.0
