@@ -306,7 +306,6 @@ class ElderEditor:
         self.layers = layers
         self.modules = modules
         self.query_layer = query_layer
-        self.code_length = len(layers) * config.n_loras
         self.deferral_radius = config.deferral_radius
         self.adapters = adapters.to(handle.device)
         self.router = nn.Parameter((router / math.sqrt(width)).to(handle.device))
@@ -467,17 +466,11 @@ class ElderEditor:
 
     def _rehearsal(self) -> tuple[list[EditRequest], torch.Tensor]:
         """Up to `replay` held edits drawn uniformly, with their allocations."""
-        held = [
-            (request, allocation)
-            for batch in self._batches
-            for request, allocation in zip(batch.requests, batch.allocation, strict=True)
+        requests, allocations, _ = self._held()
+        chosen = torch.randperm(len(requests), generator=self._generator)[: self.config.replay]
+        return [requests[index] for index in chosen.tolist()], allocations[
+            chosen.to(allocations.device)
         ]
-        chosen = torch.randperm(len(held), generator=self._generator)[: self.config.replay]
-        requests = [held[index][0] for index in chosen.tolist()]
-        shape = (0, len(self.layers), self.config.top_k)
-        allocations = [held[index][1] for index in chosen.tolist()]
-        stacked = torch.stack(allocations) if allocations else torch.zeros(shape, dtype=torch.long)
-        return requests, stacked.to(self.handle.device)
 
     def apply(self, batch: Sequence[EditRequest]) -> ElderEdit:
         """Train adapters and routers on the batch's prompts, with `replay`
@@ -496,8 +489,6 @@ class ElderEditor:
             self.handle, [r.prompt for r in trained], [r.target_new for r in trained]
         )
         _, held_allocations, held_queries = self._held()
-        held_allocations = held_allocations.to(self.handle.device)
-        held_queries = held_queries.to(self.handle.device)
         before = [parameter.detach().clone() for parameter in self._parameters()]
         optimizer = torch.optim.Adam(self._parameters(), lr=self.config.lr)
         self._local.training = True
@@ -566,14 +557,14 @@ class ElderEditor:
 
     def _held(self) -> tuple[list[EditRequest], torch.Tensor, torch.Tensor]:
         """Every held edit: the requests, their allocations and their queries."""
-        layers, k = len(self.layers), self.config.top_k
-        width = self.router.shape[-1]
+        if not self._batches:
+            device = self.handle.device
+            allocations = torch.zeros(0, len(self.layers), self.config.top_k, dtype=torch.long)
+            queries = torch.zeros(0, self.router.shape[-1])
+            return [], allocations.to(device), queries.to(device)
         requests = [request for batch in self._batches for request in batch.requests]
-        allocations = [batch.allocation for batch in self._batches]
-        queries = [batch.queries for batch in self._batches]
-        if not requests:
-            return [], torch.zeros(0, layers, k, dtype=torch.long), torch.zeros(0, width)
-        return requests, torch.cat(allocations), torch.cat(queries)
+        allocations = torch.cat([batch.allocation for batch in self._batches])
+        return requests, allocations, torch.cat([batch.queries for batch in self._batches])
 
     def save(self, directory: str | Path) -> None:
         """Adapters, routers, the held edits' queries and allocations and the
