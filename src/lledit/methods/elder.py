@@ -15,17 +15,20 @@ the loss knows the allocation. At inference an input whose allocation code
 radius of an edit's code (Hamming distance to the nearest one not below ε)
 goes through the untouched model, bit for bit.
 
-Two departures from the paper, both measured on SmolLM2-135M with 50 zsRE
-edits in batches of 10 (`benchmarks/elder_defaults.py`):
+Departures from the paper, measured on SmolLM2-135M with zsRE edits in
+batches of 10 (`benchmarks/elder_defaults.py`):
 
 * The editor keeps each edit's query, not its code, and derives the codes
   from the current routers. Later batches retrain the routers, so a code
   stored once drifts away from the code the edit's own prompt gets, and
   deferral then shuts out earlier edits.
 * Each batch trains together with `replay` earlier edits drawn at random
-  (towards their own allocations). The LoRAs are shared by every edit, and
-  without rehearsal each batch overwrote the ones before it: efficacy_exact
-  fell from 1.0 right after a batch to 0.28 five batches later.
+  (towards their own allocations), and the guided loss also runs on every
+  held edit's stored query (`anchor_weight`). The LoRAs are shared by every
+  edit, and without rehearsal each batch overwrote the ones before it:
+  efficacy_exact fell from 1.0 right after a batch to 0.28 five batches later.
+* ε defaults to 4 of 24 bits, not 12: from 8 up nearly every input used the
+  adapters.
 
 The adapters are forward hooks on the projections, owned by the editor: the
 model's modules, weights and state dict stay as they were.
