@@ -547,7 +547,7 @@ def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, reques
     finally:
         hook.remove()
     assert rows == [1 + 2] * 4  # the new edit and two earlier ones, 3 steps and a last pass
-    requests, allocations = editor._rehearsal()
+    requests, allocations = editor._rehearsal(*editor._held()[:2])
     assert len(requests) == 2 and len({r.prompt for r in requests}) == 2
     held = [r.prompt for r in requests_small]
     everything = torch.cat([first.allocation, editor._batches[1].allocation])

@@ -362,7 +362,7 @@ class ElderEditor:
     def _stored_codes(self) -> torch.Tensor | None:
         """The codes of every held edit under the current routers (None: no edits)."""
         if self._codes is None and self._batches:
-            self._codes = self._codes_of(torch.cat([batch.queries for batch in self._batches]))
+            self._codes = self._codes_of(self._held()[2])
         return self._codes
 
     def _within_radius(self, codes: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
@@ -467,9 +467,10 @@ class ElderEditor:
         for parameter, value in zip(self._parameters(), values, strict=True):
             parameter.copy_(value)
 
-    def _rehearsal(self) -> tuple[list[EditRequest], torch.Tensor]:
-        """Up to `replay` held edits drawn uniformly, with their allocations."""
-        requests, allocations, _ = self._held()
+    def _rehearsal(
+        self, requests: list[EditRequest], allocations: torch.Tensor
+    ) -> tuple[list[EditRequest], torch.Tensor]:
+        """Up to `replay` of the held edits drawn uniformly, with their allocations."""
         chosen = torch.randperm(len(requests), generator=self._generator)[: self.config.replay]
         return [requests[index] for index in chosen.tolist()], allocations[
             chosen.to(allocations.device)
@@ -485,13 +486,13 @@ class ElderEditor:
             raise ValueError("an edit batch must hold at least one request")
         batch = list(batch)
         allocation = self._allocations([request.prompt for request in batch])
-        rehearsed, rehearsed_allocation = self._rehearsal()
+        held_requests, held_allocations, held_queries = self._held()
+        rehearsed, rehearsed_allocation = self._rehearsal(held_requests, held_allocations)
         trained = batch + rehearsed
         allocations = torch.cat([allocation, rehearsed_allocation])
         tokens = edit_batch(
             self.handle, [r.prompt for r in trained], [r.target_new for r in trained]
         )
-        _, held_allocations, held_queries = self._held()
         before = [parameter.detach().clone() for parameter in self._parameters()]
         optimizer = torch.optim.Adam(self._parameters(), lr=self.config.lr)
         self._local.training = True
