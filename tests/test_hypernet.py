@@ -566,9 +566,9 @@ def _trajectory_losses(trainer, trajectories) -> tuple[float, float]:
                         rephrases + parts.rephrase,
                         count + 1,
                     )
-                trainer._restore()
+                trainer.restore_model()
     finally:
-        trainer._restore()
+        trainer.restore_model()
         network.train(was_training)
     return totals / count, rephrases / count
 

@@ -195,7 +195,8 @@ class HypernetTrainer:
 
     # --- one trajectory
 
-    def _restore(self) -> None:
+    def restore_model(self) -> None:
+        """Put the edited weights back to the original model's."""
         with torch.no_grad():
             for name, weight in self.original.items():
                 self.handle.weight_of(name).copy_(weight)
@@ -241,7 +242,7 @@ class HypernetTrainer:
                     self.steps_done += 1
                     on_step()
         finally:
-            self._restore()
+            self.restore_model()
         self.trajectories_done += 1
         self.losses.append(
             {"step": self.steps_done, **{k: v / len(batches) for k, v in totals.items()}}
@@ -343,7 +344,7 @@ class HypernetTrainer:
                 show_progress=show_progress,
             )
         finally:
-            self._restore()
+            self.restore_model()
         report = {
             "n_edits": result.n_edits,
             "batch_size": result.batch_size,
