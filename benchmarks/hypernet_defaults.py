@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from lledit import load_dataset, load_model, run_lifelong
+from lledit import load_dataset, load_model
 from lledit.hypernet.training import HypernetTrainer
 from lledit.methods import method_class, parse_settings, train_config_class
 
@@ -64,11 +64,7 @@ def main() -> None:
             report = trainer.validate(show_progress=False)
         scores = [report["metrics"][name] for name in METRICS]
         if args.eval_edits:
-            editor = method_class(args.method).from_network(handle, trainer.network)
-            result = run_lifelong(
-                handle, editor, eval_requests, config.batch_size, show_progress=False
-            )
-            trainer.restore_model()
+            result = trainer.edit_sequence(eval_requests, show_progress=False)
             scores += [result.metrics[name] for name in METRICS]
         cells = " | ".join(f"{score:.3f}" for score in scores)
         print(f"| {text or 'defaults'} | {cells} | {trainer.elapsed_s:.0f} |", flush=True)

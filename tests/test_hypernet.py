@@ -566,9 +566,9 @@ def _trajectory_losses(trainer, trajectories) -> tuple[float, float]:
                         rephrases + parts.rephrase,
                         count + 1,
                     )
-                trainer.restore_model()
+                trainer._restore()
     finally:
-        trainer.restore_model()
+        trainer._restore()
         network.train(was_training)
     return totals / count, rephrases / count
 

@@ -28,7 +28,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lledit.data.request import EditRequest
-from lledit.eval.lifelong import run_lifelong
+from lledit.eval.lifelong import LifelongResult, run_lifelong
 from lledit.hypernet.capture import capture_gradients
 from lledit.hypernet.checkpoint import (
     CheckpointError,
@@ -195,8 +195,7 @@ class HypernetTrainer:
 
     # --- one trajectory
 
-    def restore_model(self) -> None:
-        """Put the edited weights back to the original model's."""
+    def _restore(self) -> None:
         with torch.no_grad():
             for name, weight in self.original.items():
                 self.handle.weight_of(name).copy_(weight)
@@ -242,7 +241,7 @@ class HypernetTrainer:
                     self.steps_done += 1
                     on_step()
         finally:
-            self.restore_model()
+            self._restore()
         self.trajectories_done += 1
         self.losses.append(
             {"step": self.steps_done, **{k: v / len(batches) for k, v in totals.items()}}
@@ -326,25 +325,37 @@ class HypernetTrainer:
         self.network.eval()
         self.save()
 
-    def validate(self, *, show_progress: bool = True) -> dict[str, Any]:
-        """The lifelong protocol on the held-out training edits; written to `validation.json`.
-
-        The edits are applied in sequence, as at test time, then the model is restored.
-        """
-        if not self.validation_requests:
-            return {}
+    def edit_sequence(
+        self,
+        requests: Sequence[EditRequest],
+        *,
+        dataset: dict[str, Any] | None = None,
+        show_progress: bool = True,
+    ) -> LifelongResult:
+        """The current network edits `requests` in sequence, as at test time, and
+        the final model is scored; the model is restored afterwards."""
         editor = self.editor_class.from_network(self.handle, self.network)
         try:
-            result = run_lifelong(
+            return run_lifelong(
                 self.handle,
                 editor,
-                self.validation_requests,
+                requests,
                 self.config.batch_size,
-                dataset={"name": "held-out training edits", **self.data_info},
+                dataset=dataset,
                 show_progress=show_progress,
             )
         finally:
-            self.restore_model()
+            self._restore()
+
+    def validate(self, *, show_progress: bool = True) -> dict[str, Any]:
+        """The lifelong protocol on the held-out training edits; written to `validation.json`."""
+        if not self.validation_requests:
+            return {}
+        result = self.edit_sequence(
+            self.validation_requests,
+            dataset={"name": "held-out training edits", **self.data_info},
+            show_progress=show_progress,
+        )
         report = {
             "n_edits": result.n_edits,
             "batch_size": result.batch_size,
