@@ -23,6 +23,7 @@ from lledit.hypernet.losses import (
 from lledit.hypernet.network import RunningNormaliser
 from lledit.hypernet.training import HypernetTrainer
 from lledit.hypernet.update import least_squares_update, mend_update, value_differences
+from lledit.locate import key_covariances
 from lledit.methods import MALMEN, MEND, RLEdit
 from lledit.methods.base import add_weight_deltas
 from lledit.model import ModelHandle
@@ -92,6 +93,7 @@ def make_trainer(handle, method, out, requests=None, **overrides) -> HypernetTra
         "backtrack_depth": 1,
         "step_every": None,
         "l2_weight": 0.0,
+        "key_ridge": False,
     }
     settings.update(overrides)
     config = method.train_config_class(**settings)
@@ -177,6 +179,44 @@ def test_least_squares_update_is_float64_for_any_ridge():
     assert torch.autograd.gradcheck(
         lambda v, r: least_squares_update(keys, v, r), (values, log_ridge)
     )
+
+
+def test_least_squares_update_with_key_statistics_is_the_weighted_ridge_solution():
+    """With P = C⁻¹: (KᵀK + e^λ C)⁻¹ KᵀD, and its gradients match autograd's."""
+    generator = torch.Generator().manual_seed(3)
+    tokens, d_in, d_out = 4, 6, 3
+    keys = torch.randn(tokens, d_in, dtype=torch.float64, generator=generator)
+    values = torch.randn(tokens, d_out, dtype=torch.float64, generator=generator)
+    spread = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    ordinary = torch.randn(50, d_in, dtype=torch.float64, generator=generator) * spread
+    second_moment = ordinary.T @ ordinary / 50
+    precision = torch.linalg.inv(second_moment)
+    log_ridge = torch.tensor(0.3, dtype=torch.float64)
+
+    def explicit(values, log_ridge):
+        system = keys.T @ keys + log_ridge.exp() * second_moment
+        return torch.linalg.solve(system, keys.T @ values).T
+
+    def solved(values, log_ridge):
+        return least_squares_update(keys, values, log_ridge, precision)
+
+    torch.testing.assert_close(
+        solved(values, log_ridge), explicit(values, log_ridge), rtol=1e-10, atol=1e-12
+    )
+    leaves = (values.clone().requires_grad_(True), log_ridge.clone().requires_grad_(True))
+    functional = torch.randn(d_out, d_in, dtype=torch.float64, generator=generator)
+    grads = torch.autograd.grad((solved(*leaves) * functional).sum(), leaves)
+    expected = torch.autograd.grad((explicit(*leaves) * functional).sum(), leaves)
+    for grad, reference in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-12)
+    # Near interpolation, the weighted solve picks, of all updates that map the keys to
+    # their values, the one that moves the outputs of the ordinary keys least.
+    tiny = torch.tensor(-12.0, dtype=torch.float64)
+    weighted = least_squares_update(keys, values, tiny, precision)
+    plain = least_squares_update(keys, values, tiny)
+    torch.testing.assert_close(keys @ weighted.T, values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(keys @ plain.T, values, rtol=0, atol=1e-4)
+    assert (ordinary @ weighted.T).norm() < 0.9 * (ordinary @ plain.T).norm()
 
 
 def test_least_squares_update_maps_each_key_to_its_value_with_a_tiny_ridge():
@@ -709,6 +749,54 @@ def test_validate_runs_the_lifelong_protocol_and_restores(trained):
     assert report["n_edits"] == 2 and {"efficacy", "locality"} <= set(report["metrics"])
     assert json.loads((out / "validation.json").read_text())["n_edits"] == 2
     assert_weights_equal(trainer.handle, before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_key_ridge_solves_with_the_key_statistics_and_saves_them(
+    arch, tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    handle = fresh(arch, tokenizer)
+    before = snapshot(handle)
+    out = tmp_path / "ckpt"
+    trainer = make_trainer(handle, RLEdit, out, key_ridge=True, key_samples=600, warmup_batches=1)
+    trainer._warm_up()
+    network = trainer.network
+    statistics = key_covariances(handle, trainer.module_names, samples=600)
+    edits, _ = trainer.train_examples.batch(trainer._indices(0, 2, stream=1))
+    captured = capture_gradients(handle, trainer.module_names, batch_tokens(handle, edits))
+    for index, name in enumerate(trainer.module_names):
+        second_moment = statistics[name].double()
+        identity = torch.eye(len(second_moment), dtype=torch.float64)
+        scaled = second_moment * (len(second_moment) / second_moment.trace()) + 1e-3 * identity
+        precision = network.key_precision(name)
+        expected = torch.linalg.inv(scaled)
+        torch.testing.assert_close(
+            precision.double(), expected, rtol=0, atol=1e-5 * expected.abs().max()
+        )
+        # The initial ridge is relative to the keys' own scale under P: mean kᵀPk.
+        keys = captured[name].keys
+        ridge = network.log_ridge[index].exp().item()
+        assert math.isclose(ridge, 0.1 * (keys @ precision * keys).sum(1).mean(), rel_tol=1e-5)
+        with torch.no_grad():
+            pseudo_keys, pseudo_grads = network.pseudo(name, captured[name])
+            values = value_differences(keys, pseudo_keys, pseudo_grads, network.log_lr[index])
+            plain = least_squares_update(keys, values, network.log_ridge[index])
+            assert not torch.allclose(network.delta(name, captured[name]), plain), name
+
+    trainer.save()
+    loaded, meta = load_network(out)
+    assert meta["key_ridge"] is True and loaded.key_ridge
+    assert_states_equal(loaded.state_dict(), network.state_dict())
+    applied = make_editor("rledit", handle, checkpoint=out).apply(make_requests(2))
+    applied.undo()
+    in_memory = RLEdit.from_network(handle, network).apply(make_requests(2))
+    for name in trainer.module_names:
+        assert torch.equal(in_memory.deltas[name], applied.deltas[name]), name
+    in_memory.undo()
+    assert_weights_equal(handle, before)
+    with pytest.raises(ValueError, match="key_ridge"):
+        make_trainer(handle, MEND, tmp_path / "mend", key_ridge=True)
 
 
 # --- 8. resuming ---------------------------------------------------------------------------

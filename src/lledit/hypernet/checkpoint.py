@@ -51,6 +51,7 @@ def save_checkpoint(
         **meta,
         "format": FORMAT_VERSION,
         "update_rule": network.update_rule,
+        "key_ridge": network.key_ridge,
         "modules": [vars(module) for module in network.modules_edited],
     }
     if optimizer is not None:
@@ -86,7 +87,13 @@ def load_network(directory: str | Path) -> tuple[Hypernetwork, dict[str, Any]]:
     """The trained network (in eval mode, normaliser frozen) and the checkpoint's metadata."""
     meta = read_meta(directory)
     modules = [ModuleShape(**module) for module in meta["modules"]]
-    network = Hypernetwork(modules, meta["rank"], meta["n_blocks"], meta["update_rule"])
+    network = Hypernetwork(
+        modules,
+        meta["rank"],
+        meta["n_blocks"],
+        meta["update_rule"],
+        key_ridge=meta.get("key_ridge", False),
+    )
     path = Path(directory) / NETWORK_FILE
     try:
         state = load_file(str(path))

@@ -44,7 +44,14 @@ class HypernetTrainConfig:
     initial_step: float = 0.1
     """Initial size of a batch's change of module output, relative to the output."""
     initial_ridge: float = 0.1
-    """Initial ridge, relative to the mean squared key norm."""
+    """Initial ridge, relative to the mean squared key norm (of kᵀC⁻¹k with `key_ridge`)."""
+    key_ridge: bool = False
+    """Least-squares rule only: shape the ridge by the second moment C of each
+    module's keys over text the model samples itself (MEMIT's C₀), so an
+    update is held back where it would change the outputs of ordinary
+    inputs, not evenly in every direction."""
+    key_samples: int = 20000
+    """Keys the statistics of `key_ridge` average over (cached once per model)."""
     warmup_batches: int = 10
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -55,7 +62,13 @@ class HypernetTrainConfig:
         if self.part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, not {self.part!r}")
         positive = ("rank", "n_blocks", "steps", "batch_size", "trajectory_length")
-        for name in (*positive, "backtrack_depth", "checkpoint_every", "locality_tokens"):
+        for name in (
+            *positive,
+            "backtrack_depth",
+            "checkpoint_every",
+            "locality_tokens",
+            "key_samples",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.step_every is not None and self.step_every < 1:

@@ -18,6 +18,7 @@ from lledit.hypernet.capture import Captured
 from lledit.hypernet.update import least_squares_update, mend_update, value_differences
 
 UPDATE_RULES = ("mend", "least_squares")
+KEY_RIDGE_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -93,19 +94,29 @@ class ShapeNetwork(nn.Module):
 class Hypernetwork(nn.Module):
     """Maps each edited module's captured (k, g) to a weight update.
 
-    `log_lr` (η) and `log_ridge` (λ) are learned per module.
+    `log_lr` (η) and `log_ridge` (λ) are learned per module. With `key_ridge`,
+    the least-squares ridge is shaped by each module's key statistics
+    (`set_key_statistics`), which are saved with the network.
     """
 
     def __init__(
-        self, modules: Sequence[ModuleShape], rank: int, n_blocks: int, update_rule: str
+        self,
+        modules: Sequence[ModuleShape],
+        rank: int,
+        n_blocks: int,
+        update_rule: str,
+        key_ridge: bool = False,
     ) -> None:
         super().__init__()
         if update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule must be one of {UPDATE_RULES}, not {update_rule!r}")
         if rank < 1 or n_blocks < 1:
             raise ValueError(f"rank and n_blocks must be at least 1, got {rank}, {n_blocks}")
+        if key_ridge and update_rule != "least_squares":
+            raise ValueError("key_ridge shapes the least-squares ridge; the mend rule has none")
         self.modules_edited = list(modules)
         self.update_rule = update_rule
+        self.key_ridge = key_ridge
         by_shape: dict[str, list[ModuleShape]] = {}
         for module in self.modules_edited:
             by_shape.setdefault(f"{module.d_in}x{module.d_out}", []).append(module)
@@ -124,6 +135,27 @@ class Hypernetwork(nn.Module):
         )
         self.log_lr = nn.Parameter(torch.zeros(len(self.modules_edited)))
         self.log_ridge = nn.Parameter(torch.zeros(len(self.modules_edited)))
+        if key_ridge:
+            for index, module in enumerate(self.modules_edited):
+                self.register_buffer(f"key_precision_{index}", torch.eye(module.d_in))
+
+    def set_key_statistics(self, name: str, second_moment: torch.Tensor) -> None:
+        """Use C = `second_moment` in module `name`'s ridge.
+
+        C is scaled to mean eigenvalue 1, and a small floor keeps directions
+        that ordinary text never takes (e.g. after a LayerNorm) regularised.
+        """
+        d_in = second_moment.shape[0]
+        scaled = second_moment.double() * (d_in / second_moment.diagonal().sum().double())
+        scaled.diagonal().add_(KEY_RIDGE_FLOOR)
+        precision = torch.linalg.inv(scaled)
+        self.key_precision(name).copy_((precision + precision.T) / 2)
+
+    def key_precision(self, name: str) -> torch.Tensor | None:
+        """P = C⁻¹ of module `name`'s ridge, or None for the plain ridge."""
+        if not self.key_ridge:
+            return None
+        return getattr(self, f"key_precision_{self.module_names.index(name)}")
 
     @property
     def module_names(self) -> list[str]:
@@ -150,7 +182,9 @@ class Hypernetwork(nn.Module):
         if self.update_rule == "mend":
             return mend_update(pseudo_keys, pseudo_grads, self.log_lr[index])
         values = value_differences(captured.keys, pseudo_keys, pseudo_grads, self.log_lr[index])
-        return least_squares_update(captured.keys, values, self.log_ridge[index])
+        return least_squares_update(
+            captured.keys, values, self.log_ridge[index], self.key_precision(name)
+        )
 
     def deltas(self, captured: dict[str, Captured]) -> dict[str, torch.Tensor]:
         return {name: self.delta(name, captured[name]) for name in self.module_names}

@@ -46,6 +46,7 @@ from lledit.hypernet.losses import (
     weighted_loss,
 )
 from lledit.hypernet.network import Hypernetwork
+from lledit.locate import key_covariances
 from lledit.methods.base import add_weight_deltas
 from lledit.model import ModelHandle
 from lledit.tokens import EncodedPair, batch_tokens, encode_pairs
@@ -122,7 +123,11 @@ class HypernetTrainer:
         self.validation_requests = list(requests[split:])
         torch.manual_seed(config.seed)
         self.network = Hypernetwork(
-            edited_modules(handle, config), config.rank, config.n_blocks, editor_class.update_rule
+            edited_modules(handle, config),
+            config.rank,
+            config.n_blocks,
+            editor_class.update_rule,
+            key_ridge=config.key_ridge,
         ).to(handle.device)
         scalars = [self.network.log_lr, self.network.log_ridge]
         others = [p for p in self.network.parameters() if all(p is not s for s in scalars)]
@@ -165,6 +170,10 @@ class HypernetTrainer:
     def _warm_up(self) -> None:
         """Fill the normaliser's statistics and scale η and λ to the model before training."""
         config, network = self.config, self.network
+        if config.key_ridge:
+            statistics = key_covariances(self.handle, self.module_names, samples=config.key_samples)
+            for name, second_moment in statistics.items():
+                network.set_key_statistics(name, second_moment.to(self.handle.device))
         size = config.batch_size
         batches = [
             self._indices(i * size, size, stream=1) for i in range(max(1, config.warmup_batches))
@@ -181,7 +190,10 @@ class HypernetTrainer:
         network.eval()  # the statistics are filled; the scale probes below must not add to them
         for index, name in enumerate(self.module_names):
             keys = torch.cat([c[name].keys for c in captures])
-            network.log_ridge[index] = math.log(config.initial_ridge * keys.pow(2).sum(1).mean())
+            precision = network.key_precision(name)
+            projected = keys if precision is None else keys @ precision
+            key_scale = (projected * keys).sum(1).mean()
+            network.log_ridge[index] = math.log(config.initial_ridge * key_scale)
             network.log_lr[index] = 0.0
             weight = self.handle.weight_of(name).float()
             ratios = []

@@ -26,42 +26,50 @@ def value_differences(
 
 
 class _RidgeSolve(torch.autograd.Function):
-    """ΔW = Dᵀ (K Kᵀ + e^λ I)⁻¹ K, with the meta-gradient written out.
+    """ΔW = Dᵀ (K P Kᵀ + e^λ I)⁻¹ K P, with the meta-gradient written out.
 
-    This is the least-squares solution (KᵀK + e^λ I)⁻¹ KᵀD of DESIGN §3.1,
-    transposed to (d_out, d_in) and solved in the tokens x tokens form, which
-    is much smaller than d_in x d_in. Backward: with G = ∂L/∂ΔW and
-    S = K Kᵀ + e^λ I, ∂L/∂D = S⁻¹ K Gᵀ (which equals K M with
-    M = (KᵀK + e^λ I)⁻¹ Gᵀ) and ∂L/∂λ = -e^λ ⟨∂L/∂D, S⁻¹ D⟩ (= -e^λ ⟨M, ΔWᵀ⟩).
-    The keys are data, not parameters, and get no gradient.
+    This is the least-squares solution (KᵀK + e^λ C)⁻¹ KᵀD of DESIGN §3.1,
+    with P = C⁻¹ (C = I unless key statistics are given), transposed to
+    (d_out, d_in) and solved in the tokens x tokens form, which is much smaller
+    than d_in x d_in. Backward: with G = ∂L/∂ΔW and S = K P Kᵀ + e^λ I,
+    ∂L/∂D = S⁻¹ K P Gᵀ (which equals K M with M = (KᵀK + e^λ C)⁻¹ Gᵀ) and
+    ∂L/∂λ = -e^λ ⟨∂L/∂D, S⁻¹ D⟩ (= -e^λ ⟨M, C ΔWᵀ⟩). The keys and P are
+    data, not parameters, and get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, keys, values, log_ridge):
+    def forward(ctx, keys, values, log_ridge, key_precision):
         # The tokens x tokens system is small; float64 keeps it solvable for any ridge.
         keys64 = keys.double()
+        projected = (keys if key_precision is None else keys @ key_precision).double()
         ridge = log_ridge.double().exp()
-        gram = keys64 @ keys64.T
+        gram = projected @ keys64.T
         gram.diagonal().add_(ridge)
         factor = torch.linalg.cholesky(gram)
         solved = torch.cholesky_solve(values.double(), factor)
-        ctx.save_for_backward(keys64, factor, solved, ridge)
-        return (solved.T @ keys64).to(values.dtype)
+        ctx.save_for_backward(projected, factor, solved, ridge)
+        return (solved.T @ projected).to(values.dtype)
 
     @staticmethod
     def backward(ctx, grad_delta):
-        keys64, factor, solved, ridge = ctx.saved_tensors
-        grad_values = torch.cholesky_solve(keys64 @ grad_delta.double().T, factor)
+        projected, factor, solved, ridge = ctx.saved_tensors
+        grad_values = torch.cholesky_solve(projected @ grad_delta.double().T, factor)
         grad_log_ridge = -ridge * (grad_values * solved).sum()
-        return None, grad_values.to(grad_delta.dtype), grad_log_ridge.to(grad_delta.dtype)
+        return None, grad_values.to(grad_delta.dtype), grad_log_ridge.to(grad_delta.dtype), None
 
 
 def least_squares_update(
-    keys: torch.Tensor, values: torch.Tensor, log_ridge: torch.Tensor
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    log_ridge: torch.Tensor,
+    key_precision: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The update that maps each key to its value difference, all edits at once.
 
     Solving jointly keeps the edits of one batch from cancelling each other;
     the ridge e^λ keeps the solve well conditioned when keys are near-parallel.
+    With `key_precision` = C⁻¹, C the second moment of the module's keys over
+    ordinary text, the ridge penalises the change of ordinary outputs,
+    e^λ E‖ΔW k‖², instead of e^λ ‖ΔW‖² (MEMIT's C₀).
     """
-    return _RidgeSolve.apply(keys, values, log_ridge)
+    return _RidgeSolve.apply(keys, values, log_ridge, key_precision)
