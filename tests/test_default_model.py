@@ -66,14 +66,19 @@ def test_default_model_cache_is_written_once_and_reloads_identically(monkeypatch
     assert_weights_equal(second, snapshot(first))
 
 
-def test_rledit_trains_on_builtin_edits_then_edits_and_undoes_exactly(default_handle, tmp_path):
+def test_rledit_trains_on_builtin_edits_then_edits_and_undoes_exactly(
+    default_handle, tmp_path, monkeypatch
+):
     from lledit.hypernet.training import HypernetTrainer
     from lledit.methods import RLEdit, train_config_class
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     train = load_dataset("builtin", "train", limit=60).requests
+    # Key statistics over 4000 keys: few enough to compute in well under a minute.
     config = train_config_class("rledit")(
-        steps=4, trajectory_length=2, validation_edits=10, warmup_batches=2
+        steps=4, trajectory_length=2, validation_edits=10, warmup_batches=2, key_samples=4000
     )
+    assert config.key_ridge
     before = snapshot(default_handle)
     trainer = HypernetTrainer(default_handle, RLEdit, config, train, tmp_path, {"name": "builtin"})
     trainer.train(show_progress=False)
