@@ -21,7 +21,10 @@ class RLEditTrainConfig(HypernetTrainConfig):
     """Trajectory training; the defaults suit SmolLM2-135M."""
 
     steps: int = 300
-    trajectory_length: int = 20
+    trajectory_length: int = 50
+    """Half the 100 batches of the 1000-edit benchmark. Over those 1000 zsRE
+    edits, 300 steps with 50 reached efficacy, generalization and locality
+    0.63, 0.56 and 0.71; with 20, 0.60, 0.53 and 0.69."""
     backtrack_depth: int = 2
     locality_weight: float = 100.0
     """Ten times MEND's and MALMEN's. Over 1000 zsRE edits (100 steps of
@@ -32,9 +35,9 @@ class RLEditTrainConfig(HypernetTrainConfig):
     l2_weight: float = 1e-4
     step_every: int | None = 1
     key_ridge: bool = True
-    """Over 1000 zsRE edits, the default training (300 steps) reached efficacy,
-    generalization and locality 0.60, 0.53 and 0.69 with it, against 0.57,
-    0.51 and 0.63 with the plain ridge."""
+    """Over 1000 zsRE edits, 300 steps of training on trajectories of 20
+    batches reached efficacy, generalization and locality 0.60, 0.53 and 0.69
+    with it, against 0.57, 0.51 and 0.63 with the plain ridge."""
 
 
 class RLEdit(HypernetEditor):
