@@ -107,7 +107,9 @@ class ElderConfig:
     raised locality from 0.90 to 0.96 at the same efficacy."""
     lr: float = 5e-3
     """Adam learning rate. The paper's 1e-4 was for 7B models; LoRA B starts
-    at zero, and a small model needs a larger rate (to be tuned on SmolLM2)."""
+    at zero, and a small model needs a larger rate. On 200 zsRE edits at
+    ε = 4, 2e-3 / 5e-3 / 1e-2 gave efficacy_exact 0.69 / 0.70 / 0.65 and
+    generalization_exact 0.16 / 0.32 / 0.32 at the same locality (0.98)."""
     seed: int = 0
     """Seed of the LoRA and router initialisation and of the edits' allocations."""
 
