@@ -184,6 +184,19 @@ def test_key_statistics_are_cached_and_reused(tiny, monkeypatch, tmp_path):
         key_covariances(tiny, modules, samples=301, max_length=32, batch_size=4)
 
 
+def test_too_few_keys_for_their_width_are_warned_about(tiny, caplog):
+    module = tiny.layer_module(1, tiny.arch.mlp_out)
+    width = tiny.weight_of(module).shape[1]
+    with caplog.at_level("WARNING", logger="lledit.locate"):
+        key_covariances(tiny, [module], samples=width, max_length=32, batch_size=4)
+    assert f"over {width} keys for {width}-wide keys are poorly estimated" in caplog.text
+    assert f"ask for at least {4 * width}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lledit.locate"):
+        key_covariances(tiny, [module], samples=4 * width, max_length=32, batch_size=4)
+    assert "poorly estimated" not in caplog.text
+
+
 def test_key_statistics_from_a_corpus_file(tiny, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The capital of France is Paris.\nHarry Potter was written by Rowling.\n")

@@ -760,6 +760,16 @@ def key_covariances(
     statistics are asked for again; a reloaded matrix is identical to the
     computed one.
     """
+    width = max(handle.weight_of(module).shape[1] for module in modules)
+    if samples < 2 * width:
+        # Too few keys leave directions of ordinary text unseen; updates then use them.
+        logger.warning(
+            "key statistics over %d keys for %d-wide keys are poorly estimated; "
+            "ask for at least %d",
+            samples,
+            width,
+            4 * width,
+        )
     keys = {
         module: _stats_key(handle, module, samples, corpus, seed, max_length, batch_size)
         for module in modules
@@ -879,16 +889,6 @@ class Locator:
             corpus=self.config.stats_corpus,
             seed=self.config.seed,
         )
-        width = max(value.shape[0] for value in stats.values())
-        if self.config.stats_samples < 2 * width:
-            # Too few keys leave directions of ordinary text unseen; updates then use them.
-            logger.warning(
-                "key statistics over %d keys for %d-wide keys are poorly estimated; "
-                "use stats_samples of at least %d",
-                self.config.stats_samples,
-                width,
-                4 * width,
-            )
         return {module: value.to(self.handle.device) for module, value in stats.items()}
 
     def deltas(self, requests: Sequence[EditRequest], solve: Solver) -> dict[str, torch.Tensor]:
