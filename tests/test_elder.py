@@ -158,10 +158,10 @@ def test_elder_raises_efficacy_and_trains_only_its_own_weights(tiny, requests_sm
     assert evaluate(tiny, requests_small)[0]["efficacy"] >= max(0.9, efficacy_before + 0.5)
     assert_weights_equal(tiny, before)
     assert all(p.grad is None and not p.requires_grad for p in tiny.model.parameters())
-    assert applied.codes.shape == (3, len(editor.layers) * 4)
+    assert applied.codes.shape == (3, len(editor.layers) * 8)
     assert (applied.codes.sum(dim=1) == 2 * len(editor.layers)).all()
     config = editor.config_dict()
-    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 4
+    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 8
 
 
 def test_elder_defers_exactly_to_the_base_model(tiny, requests_small):
@@ -276,7 +276,7 @@ def test_guided_loss_routes_rephrases_to_the_edit_allocation(tiny):
         """Mean fraction of each rephrase's chosen LoRAs that lie in its own edit's
         allocation, and in the other edits' allocations (chance: k/N = 0.5)."""
         handle = same_model(tiny)
-        editor = make_editor("elder", handle, guide_weight=guide_weight, seed=1)
+        editor = make_editor("elder", handle, guide_weight=guide_weight, seed=1, n_loras=4)
         allocation = editor.apply(requests).allocation
         layers, n = len(editor.layers), editor.config.n_loras
         wanted = torch.zeros(len(requests), layers, n, dtype=torch.bool)
@@ -385,7 +385,7 @@ def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
 
 def test_elder_config_errors(tiny):
     cases = [
-        ({"top_k": 5}, r"top_k \(5\) cannot exceed n_loras \(4\)"),
+        ({"top_k": 9}, r"top_k \(9\) cannot exceed n_loras \(8\)"),
         ({"rank": 0}, "rank must be at least 1"),
         ({"lr": float("nan")}, "lr must be positive"),
         ({"guide_weight": -1.0}, "guide_weight must be >= 0"),
