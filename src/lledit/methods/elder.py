@@ -27,10 +27,11 @@ batches of 10 (`benchmarks/elder_defaults.py`):
   held edit's stored query (`anchor_weight`). The LoRAs are shared by every
   edit, and without rehearsal each batch overwrote the ones before it:
   efficacy_exact fell from 1.0 right after a batch to 0.28 five batches later.
-* N defaults to 8 LoRAs per layer, not 4, and ε to 8 of the 48 code bits,
-  not 12 of 24. Over 1000 edits the 4-LoRA codes crowded: with 6 choices per
-  layer, 1000 edits' codes and their neighbours covered much of the code
-  space, and unrelated inputs landed near one (locality 0.77 at ε = 4).
+* N defaults to 8 LoRAs per layer, not 4, of rank 16, not 8, and ε to 6
+  of the 48 code bits, not 12 of 24. Over 1000 edits the 4-LoRA codes
+  crowded: with 6 choices per layer, 1000 edits' codes and their neighbours
+  covered much of the code space, and unrelated inputs landed near one
+  (locality 0.77 at ε = 4).
 
 The adapters are forward hooks on the projections, owned by the editor: the
 model's modules, weights and state dict stay as they were.
@@ -80,21 +81,24 @@ class ElderConfig:
     query; None: the layer just below the first adapted one (20 on SmolLM2)."""
     n_loras: int = 8
     """N: LoRAs per adapted layer. The paper's 4 give each layer 6 codes; after
-    1000 zsRE edits at ε = 4, efficacy_exact 0.41, generalization_exact 0.18
-    and locality 0.77. With 8 (28 codes per layer) and ε = 8: 0.48, 0.16 and
-    0.96. On 200 edits 4 did better (efficacy_exact 0.68 against 0.54)."""
-    rank: int = 8
-    """r: rank of each LoRA."""
+    1000 zsRE edits (rank 8, ε = 4), efficacy_exact 0.41, generalization_exact
+    0.18 and locality 0.77. With 8 (28 codes per layer), rank 8 and ε = 8:
+    0.48, 0.16 and 0.96. On 200 edits 4 did better (efficacy_exact 0.68 against 0.54)."""
+    rank: int = 16
+    """r: rank of each LoRA. After 1000 zsRE edits (N = 8, ε = 6), the paper's
+    8 / 16 gave efficacy_exact 0.475 / 0.488, generalization_exact 0.110 /
+    0.153 and locality 0.998 / 0.987; 16 edited in 0.9 times the time."""
     top_k: int = 2
     """k: LoRAs each layer adds for one sequence."""
     guide_weight: float = 0.01
     """λ: weight of the guided loss -Σ log s_j over each edit's allocation."""
-    deferral_radius: int = 8
+    deferral_radius: int = 6
     """ε: an input uses the adapters when the Hamming distance from its
-    allocation code to the nearest edit's code is below ε. With N = 8 after
-    1000 zsRE edits, ε = 4 / 6 / 8 / 12 gave generalization_exact 0.04 /
-    0.11 / 0.16 / 0.18 and locality 1.00 / 1.00 / 0.96 / 0.44
-    (`benchmarks/elder_defaults.py`); the paper's 12 lets most inputs through."""
+    allocation code to the nearest edit's code is below ε. With N = 8 and
+    rank 16 after 1000 zsRE edits, ε = 4 / 6 / 8 / 12 gave
+    generalization_exact 0.08 / 0.15 / 0.19 / 0.20 and locality 1.00 / 0.99 /
+    0.90 / 0.34 (`benchmarks/elder_defaults.py`); the paper's 12 lets most
+    inputs through."""
     steps: int = 50
     """Most Adam iterations per edit batch."""
     early_stop: float = 0.9
