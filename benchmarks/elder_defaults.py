@@ -34,7 +34,15 @@ ELDER_SETTINGS = [
 ]
 RADII = (2, 4, 6, 8, 12)
 GRACE_RADII = (1.0, 10.0, 30.0)
-METRICS = ("efficacy_exact", "generalization_exact", "locality", "efficacy", "generalization")
+METRICS = (
+    "efficacy_exact",
+    "generalization_exact",
+    "locality",
+    "efficacy",
+    "generalization",
+    "specificity",
+    "specificity_exact",
+)
 
 
 def edit_all(editor, requests, batch_size: int) -> float:

@@ -161,7 +161,7 @@ def test_elder_raises_efficacy_and_trains_only_its_own_weights(tiny, requests_sm
     assert applied.codes.shape == (3, len(editor.layers) * 8)
     assert (applied.codes.sum(dim=1) == 2 * len(editor.layers)).all()
     config = editor.config_dict()
-    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 6
+    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 4
 
 
 def test_elder_defers_exactly_to_the_base_model(tiny, requests_small):
@@ -274,10 +274,13 @@ def test_guided_loss_routes_rephrases_to_the_edit_allocation(tiny):
 
     def agreement(guide_weight: float) -> tuple[float, float]:
         """Mean fraction of each rephrase's chosen LoRAs that lie in its own edit's
-        allocation, and in the other edits' allocations (chance: k/N = 0.5)."""
+        random allocation, and in the other edits' allocations (chance: k/N = 0.5)."""
         handle = same_model(tiny)
         editor = make_editor("elder", handle, guide_weight=guide_weight, seed=1, n_loras=4)
-        allocation = editor.apply(requests).allocation
+        state = editor._generator.get_state()
+        editor.apply(requests)
+        editor._generator.set_state(state)
+        allocation = editor._allocations([request.prompt for request in requests])
         layers, n = len(editor.layers), editor.config.n_loras
         wanted = torch.zeros(len(requests), layers, n, dtype=torch.bool)
         wanted.scatter_(-1, allocation, True)
@@ -601,7 +604,9 @@ def test_routing_anchor_brings_earlier_edits_back_to_their_allocation(tiny, requ
         """Share of the first batch's code bits on its allocation: after the
         routers drift, and after the next batch trained."""
         settings = {"replay": 0, "guide_weight": 1.0, "early_stop": 1.0, "steps": 30}
-        editor = make_editor("elder", same_model(tiny), anchor_weight=anchor_weight, **settings)
+        editor = make_editor(
+            "elder", same_model(tiny), anchor_weight=anchor_weight, router_steps=0, **settings
+        )
         first = editor.apply(requests_small[:2])
         wanted = allocation_codes(first.allocation, editor.config.n_loras)
         assert torch.equal(first.codes, wanted)
@@ -616,3 +621,26 @@ def test_routing_anchor_brings_earlier_edits_back_to_their_allocation(tiny, requ
     assert drifted < 1.0 and anchored == 1.0
     drifted, free = agreement(0.0)
     assert free < 1.0
+
+
+def test_router_fit_sends_held_edits_back_to_the_loras_they_were_trained_through(
+    tiny, requests_small
+):
+    def agreement(router_steps: int) -> float:
+        """Share of the first batch's code bits on the LoRAs it was trained
+        through, after the routers drifted and the next batch trained."""
+        editor = make_editor(
+            "elder", same_model(tiny), anchor_weight=0.0, replay=0, router_steps=router_steps
+        )
+        first = editor.apply(requests_small[:2])
+        trained_through = allocation_codes(first.allocation, editor.config.n_loras)
+        assert torch.equal(first.codes, trained_through)
+        with torch.no_grad():
+            drift = torch.randn(editor.router.shape, generator=torch.Generator().manual_seed(1))
+            editor.router.copy_(drift / 4)
+        assert not torch.equal(first.codes, trained_through)
+        editor.apply(requests_small[2:])
+        return (first.codes & trained_through).sum().item() / trained_through.sum().item()
+
+    assert agreement(300) == 1.0
+    assert agreement(0) < 1.0
