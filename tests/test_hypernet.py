@@ -350,6 +350,14 @@ def test_weighted_loss_is_the_documented_sum(tiny):
     assert math.isclose(parts.locality, locality, rel_tol=1e-4)
     assert math.isclose(parts.total.item(), rephrase + c_loc * locality, rel_tol=1e-5)
 
+    # The drift term is the same KL, taken from the original model's distributions.
+    with torch.no_grad():
+        now = locality_log_probs(tiny, batches)
+        drift = weighted_loss(tiny, batches, weights, now, c_loc, reference, 7.0)
+    assert drift.locality < 1e-6
+    assert math.isclose(drift.drift, locality, rel_tol=1e-4)
+    assert math.isclose(drift.total.item(), rephrase + 7.0 * locality, rel_tol=1e-4)
+
 
 # --- 3. capturing keys and value gradients -----------------------------------------------
 
@@ -579,6 +587,25 @@ def test_trainer_meta_gradient_equals_autograd_through_the_edit(tiny, tmp_path, 
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-8, msg=name)
 
 
+def test_original_log_probs_come_from_the_original_weights_and_keep_the_edit(tiny, tmp_path):
+    trainer = make_trainer(tiny, RLEdit, tmp_path)
+    _, loss_batch = trainer.train_examples.batch([0, 1])
+    original = locality_log_probs(tiny, [loss_batch])
+    name = trainer.module_names[0]
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        add_weight_deltas(
+            tiny, {name: torch.randn(tiny.weight_of(name).shape, generator=generator)}
+        )
+    try:
+        edited = snapshot(tiny)
+        assert not torch.allclose(locality_log_probs(tiny, [loss_batch]), original)
+        torch.testing.assert_close(trainer._original_log_probs(loss_batch), original)
+        assert_weights_equal(tiny, edited)
+    finally:
+        trainer._restore()
+
+
 def _trajectory_losses(trainer, trajectories) -> tuple[float, float]:
     """Mean (total, rephrase) loss of trainer's own trajectories, with no training step."""
     config, network, handle = trainer.config, trainer.network, trainer.handle
@@ -589,17 +616,25 @@ def _trajectory_losses(trainer, trajectories) -> tuple[float, float]:
     try:
         with torch.no_grad():
             for trajectory in trajectories:
-                history = []
+                history, originals = [], []
                 for indices in trainer._trajectory_batches(trajectory):
                     edits, loss_batch = trainer.train_examples.batch(indices)
                     captured = capture_gradients(
                         handle, trainer.module_names, batch_tokens(handle, edits)
                     )
                     history = [loss_batch, *history][: config.backtrack_depth]
+                    originals = [trainer._original_log_probs(loss_batch), *originals]
+                    originals = originals[: config.backtrack_depth]
                     reference = locality_log_probs(handle, history)
                     add_weight_deltas(handle, network.deltas(captured))
                     parts = weighted_loss(
-                        handle, history, weights[: len(history)], reference, config.locality_weight
+                        handle,
+                        history,
+                        weights[: len(history)],
+                        reference,
+                        config.locality_weight,
+                        torch.cat(originals),
+                        config.drift_weight,
                     )
                     totals, rephrases, count = (
                         totals + parts.total.item(),

@@ -33,6 +33,10 @@ class HypernetTrainConfig:
     discount: float = 1.0
     """The loss after batch t of a trajectory is weighted discount^t."""
     locality_weight: float = 10.0
+    drift_weight: float = 0.0
+    """Weight of the KL from the original model (not the previous weights) on
+    the same locality prompts, which judges the change a trajectory has added
+    up so far; 0: none."""
     locality_tokens: int = 4
     """Locality answers are judged on at most this many leading tokens (long answers cost time)."""
     l2_weight: float = 0.0

@@ -37,6 +37,7 @@ class LossParts:
     total: torch.Tensor
     rephrase: float
     locality: float
+    drift: float = 0.0
 
 
 def locality_log_probs(handle: ModelHandle, batches: Sequence[LossBatch]) -> torch.Tensor:
@@ -52,8 +53,11 @@ def weighted_loss(
     weights: Sequence[float],
     reference: torch.Tensor,
     locality_weight: float,
+    original_reference: torch.Tensor | None = None,
+    drift_weight: float = 0.0,
 ) -> LossParts:
-    """Σ_i w_i [CE(rephrases of batch i) + c_loc KL(reference ‖ model) on its locality prompts].
+    """Σ_i w_i [CE(rephrases of batch i) + c_loc KL(reference ‖ model) on its locality prompts
+    + c_drift KL(original_reference ‖ model) on the same prompts, when given].
 
     Every batch's pairs go through one forward pass. CE is the mean over a
     batch's pairs of their per-pair mean; KL is the mean over a batch's
@@ -72,11 +76,18 @@ def weighted_loss(
 
     is_locality = tokens.target_rows >= n_rephrases
     log_probs = logits[is_locality].log_softmax(dim=-1)
-    token_kl = (reference.exp() * (reference - log_probs)).sum(dim=-1)
     token_counts = [sum(len(pair.target_ids) for pair in batch.locality) for batch in batches]
-    locality = (token_kl * _spread(token_counts, weights).to(logits.device)).sum()
+    token_weights = _spread(token_counts, weights).to(logits.device)
+
+    def divergence(reference: torch.Tensor) -> torch.Tensor:
+        return ((reference.exp() * (reference - log_probs)).sum(dim=-1) * token_weights).sum()
+
+    locality = divergence(reference)
     total = rephrase + locality_weight * locality
-    return LossParts(total, rephrase.item(), locality.item())
+    if original_reference is None:
+        return LossParts(total, rephrase.item(), locality.item())
+    drift = divergence(original_reference)
+    return LossParts(total + drift_weight * drift, rephrase.item(), locality.item(), drift.item())
 
 
 def _spread(counts: Sequence[int], weights: Sequence[float]) -> torch.Tensor:

@@ -4,7 +4,8 @@ One loop serves all three. A trajectory starts from the original model and
 applies T batches in sequence with the current network; after batch t the
 loss is, with backtracking depth D and decay μ,
 
-    Σ_{i<D} μ^i [CE(rephrases of batch t-i | W_t) + c_loc KL(W_{t-1} ‖ W_t on its locality prompts)]
+    Σ_{i<D} μ^i [CE(rephrases of batch t-i | W_t) + c_loc KL(W_{t-1} ‖ W_t on its locality prompts)
+                 + c_drift KL(W_0 ‖ W_t on the same prompts)]
     + l2 ‖ΔW_t‖²,
 
 whose gradient reaches the network only through ΔW_t (earlier edits are the
@@ -212,26 +213,50 @@ class HypernetTrainer:
             for name, weight in self.original.items():
                 self.handle.weight_of(name).copy_(weight)
 
+    @torch.no_grad()
+    def _original_log_probs(self, loss_batch: LossBatch) -> torch.Tensor:
+        """The original model's log-probabilities at the batch's locality answer tokens."""
+        edited = {name: self.handle.weight_of(name).detach().clone() for name in self.module_names}
+        self._restore()
+        try:
+            return locality_log_probs(self.handle, [loss_batch])
+        finally:
+            for name, weight in edited.items():
+                self.handle.weight_of(name).copy_(weight)
+
     def _run_trajectory(self, trajectory: int, on_step) -> None:
         config, network, handle = self.config, self.network, self.handle
         history: deque[LossBatch] = deque(maxlen=config.backtrack_depth)
         weights = [config.decay**i for i in range(config.backtrack_depth)]
         step_every = config.step_every or config.trajectory_length
         batches = self._trajectory_batches(trajectory)
-        totals = {"rephrase": 0.0, "locality": 0.0, "l2": 0.0}
+        totals = {"rephrase": 0.0, "locality": 0.0, "drift": 0.0, "l2": 0.0}
+        original: deque[torch.Tensor] = deque(maxlen=config.backtrack_depth)
         try:
             for t, indices in enumerate(batches):
                 edits, loss_batch = self.train_examples.batch(indices)
                 captured = capture_gradients(handle, self.module_names, batch_tokens(handle, edits))
                 history.appendleft(loss_batch)
                 reference = locality_log_probs(handle, history)
+                original_reference = None
+                if config.drift_weight:
+                    original.appendleft(self._original_log_probs(loss_batch))
+                    original_reference = torch.cat(list(original))
                 deltas = network.deltas(captured)
                 add_weight_deltas(handle, {n: d.detach() for n, d in deltas.items()})
                 parts, grads = weight_gradients(
                     handle,
                     self.module_names,
-                    lambda reference=reference: weighted_loss(
-                        handle, history, weights[: len(history)], reference, config.locality_weight
+                    lambda reference=reference, original_reference=original_reference: (
+                        weighted_loss(
+                            handle,
+                            history,
+                            weights[: len(history)],
+                            reference,
+                            config.locality_weight,
+                            original_reference,
+                            config.drift_weight,
+                        )
                     ),
                 )
                 scale = config.discount**t
@@ -245,6 +270,7 @@ class HypernetTrainer:
                 )
                 totals["rephrase"] += parts.rephrase
                 totals["locality"] += parts.locality
+                totals["drift"] += parts.drift
                 totals["l2"] += l2
                 if (t + 1) % step_every == 0 or t + 1 == len(batches):
                     torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)

@@ -4,6 +4,8 @@ Training treats lifelong editing as a sequential decision problem: the network
 edits T batches in a row, and after each it is judged on the D most recent
 batches (decayed by μ), on locality against the previous weights, and on the
 size of its update, so it learns updates that suit an already edited model.
+A second, lighter locality term against the original weights judges what
+the trajectory has changed so far.
 Its least-squares ridge is shaped by the statistics of ordinary keys, so
 updates stay out of the directions ordinary text uses.
 """
@@ -37,6 +39,12 @@ class RLEditTrainConfig(HypernetTrainConfig):
     and generalization higher too (0.52/0.49 against 0.44/0.41): a model
     kept intact takes later edits better. 300 and 1000 kept locality a
     little higher still (0.62, 0.64) at lower efficacy."""
+    drift_weight: float = 3.0
+    """Over 1000 zsRE edits, 3 raised efficacy, generalization, specificity and
+    locality from 0.63, 0.56, 0.19 and 0.71 to 0.64, 0.56, 0.20 and 0.74
+    (300 steps each). Taking the locality KL against the original weights
+    instead of the previous ones, at weight 100, had lost on every metric:
+    the drift term is some 35 times the one-step KL."""
     l2_weight: float = 1e-4
     step_every: int | None = 1
     key_ridge: bool = True
