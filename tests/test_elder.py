@@ -599,48 +599,33 @@ def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests
     assert all(torch.equal(p, b) for p, b in zip(at_once._parameters(), before, strict=True))
 
 
-def test_routing_anchor_brings_earlier_edits_back_to_their_allocation(tiny, requests_small):
-    def agreement(anchor_weight: float) -> tuple[float, float]:
-        """Share of the first batch's code bits on its allocation: after the
-        routers drift, and after the next batch trained."""
-        settings = {"replay": 0, "guide_weight": 1.0, "early_stop": 1.0, "steps": 30}
-        editor = make_editor(
-            "elder", same_model(tiny), anchor_weight=anchor_weight, router_steps=0, **settings
-        )
-        first = editor.apply(requests_small[:2])
-        wanted = allocation_codes(first.allocation, editor.config.n_loras)
-        assert torch.equal(first.codes, wanted)
-        with torch.no_grad():
-            drift = torch.randn(editor.router.shape, generator=torch.Generator().manual_seed(1))
-            editor.router.copy_(drift / 4)
-        drifted = (first.codes & wanted).sum().item() / wanted.sum().item()
-        editor.apply(requests_small[2:])
-        return drifted, (first.codes & wanted).sum().item() / wanted.sum().item()
+def agreement_after_drift(tiny, requests_small, **settings) -> tuple[float, float]:
+    """Share of the first batch's code bits on its allocation (the LoRAs it was
+    trained through): after the routers drift, and after the next batch trained."""
+    editor = make_editor("elder", same_model(tiny), replay=0, **settings)
+    first = editor.apply(requests_small[:2])
+    wanted = allocation_codes(first.allocation, editor.config.n_loras)
+    assert torch.equal(first.codes, wanted)
+    with torch.no_grad():
+        drift = torch.randn(editor.router.shape, generator=torch.Generator().manual_seed(1))
+        editor.router.copy_(drift / 4)
+    drifted = (first.codes & wanted).sum().item() / wanted.sum().item()
+    editor.apply(requests_small[2:])
+    return drifted, (first.codes & wanted).sum().item() / wanted.sum().item()
 
-    drifted, anchored = agreement(10.0)
+
+def test_routing_anchor_brings_earlier_edits_back_to_their_allocation(tiny, requests_small):
+    settings = {"guide_weight": 1.0, "early_stop": 1.0, "steps": 30, "router_steps": 0}
+    drifted, anchored = agreement_after_drift(tiny, requests_small, anchor_weight=10.0, **settings)
     assert drifted < 1.0 and anchored == 1.0
-    drifted, free = agreement(0.0)
+    _, free = agreement_after_drift(tiny, requests_small, anchor_weight=0.0, **settings)
     assert free < 1.0
 
 
 def test_router_fit_sends_held_edits_back_to_the_loras_they_were_trained_through(
     tiny, requests_small
 ):
-    def agreement(router_steps: int) -> float:
-        """Share of the first batch's code bits on the LoRAs it was trained
-        through, after the routers drifted and the next batch trained."""
-        editor = make_editor(
-            "elder", same_model(tiny), anchor_weight=0.0, replay=0, router_steps=router_steps
-        )
-        first = editor.apply(requests_small[:2])
-        trained_through = allocation_codes(first.allocation, editor.config.n_loras)
-        assert torch.equal(first.codes, trained_through)
-        with torch.no_grad():
-            drift = torch.randn(editor.router.shape, generator=torch.Generator().manual_seed(1))
-            editor.router.copy_(drift / 4)
-        assert not torch.equal(first.codes, trained_through)
-        editor.apply(requests_small[2:])
-        return (first.codes & trained_through).sum().item() / trained_through.sum().item()
-
-    assert agreement(300) == 1.0
-    assert agreement(0) < 1.0
+    drifted, fitted = agreement_after_drift(tiny, requests_small, anchor_weight=0.0)
+    assert drifted < 1.0 and fitted == 1.0
+    _, free = agreement_after_drift(tiny, requests_small, anchor_weight=0.0, router_steps=0)
+    assert free < 1.0
