@@ -24,10 +24,10 @@ batches of 10 (`benchmarks/elder_defaults.py`):
   matched the draw when training stopped. Holding the routers to the draw
   afterwards took edits away from the LoRAs that had learned them: on 200
   zsRE edits, efficacy_exact 0.64 and generalization_exact 0.12, against
-  0.73 and 0.31 with the trained-through LoRAs as allocations. The cost:
-  prompts that share an edit's relation route like it too, and over 1000
-  CounterFact edits locality on its neighbourhood prompts fell from 0.83 to
-  0.17.
+  0.73 and 0.31 with the trained-through LoRAs as allocations. The cost,
+  with the router fit below: prompts that share an edit's relation route
+  like it too, and over 1000 CounterFact edits locality on its
+  neighbourhood prompts fell from 0.83 to 0.17.
 * The editor keeps each edit's query and allocation, and derives the codes
   from the current routers. Later batches retrain the routers; after each,
   the routers alone are fitted (`router_steps`, no model pass) until every
