@@ -216,7 +216,7 @@ class HypernetTrainer:
     @torch.no_grad()
     def _original_log_probs(self, loss_batch: LossBatch) -> torch.Tensor:
         """The original model's log-probabilities at the batch's locality answer tokens."""
-        edited = {name: self.handle.weight_of(name).detach().clone() for name in self.module_names}
+        edited = {name: self.handle.weight_of(name).clone() for name in self.module_names}
         self._restore()
         try:
             return locality_log_probs(self.handle, [loss_batch])

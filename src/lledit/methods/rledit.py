@@ -43,9 +43,9 @@ class RLEditTrainConfig(HypernetTrainConfig):
     """Over 1000 zsRE edits, 3 raised efficacy, generalization, specificity and
     locality from 0.63, 0.56, 0.19 and 0.71 to 0.64, 0.56, 0.20 and 0.74
     (300 steps each); 10 gave 0.57, 0.52, 0.20 and 0.71. Taking the
-    locality KL against the original weights
-    instead of the previous ones, at weight 100, had lost on every metric:
-    the drift term is some 35 times the one-step KL."""
+    locality KL against the original weights instead of the previous ones,
+    at weight 100, had lost on every metric: the drift term is some 35 times
+    the one-step KL."""
     l2_weight: float = 1e-4
     step_every: int | None = 1
     key_ridge: bool = True
