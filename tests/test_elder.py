@@ -1,6 +1,7 @@
 """ELDER and GRACE on tiny random models: deferral, routing, training, undo, save/load."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from lledit.cli import app
 from lledit.eval import evaluate
 from lledit.eval.scoring import score_pairs
 from lledit.journal import Journal, JournaledModel, JournalError
-from lledit.methods.elder import MixtureOfLoRA, allocation_codes
+from lledit.methods.elder import MixtureOfLoRA, _lowest_mean_probability, allocation_codes
 from lledit.model import ModelHandle, SequenceWatch
 from lledit.tokens import edit_batch
 
@@ -576,6 +577,16 @@ def test_elder_codes_follow_the_current_routers(tiny, requests_small):
     prompts = [r.prompt for r in requests_small[:2]]
     assert torch.equal(first.codes, editor.codes(prompts))
     assert torch.equal(editor._stored_codes()[:2], editor.codes(prompts))
+
+
+def test_elder_early_stop_judges_new_and_rehearsed_edits_apart():
+    rehearsed, new = torch.full((30,), 0.01), torch.full((6,), 1.0)
+    losses = torch.cat([new, rehearsed])
+    new_tokens = torch.arange(36) < 6
+    assert math.exp(-losses.mean().item()) > 0.8  # one mean would have stopped at 0.8
+    assert _lowest_mean_probability(losses, new_tokens) == pytest.approx(math.exp(-1.0))
+    first_batch = torch.ones(6, dtype=torch.bool)
+    assert _lowest_mean_probability(new, first_batch) == pytest.approx(math.exp(-1.0))
 
 
 def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests_small):

@@ -114,10 +114,14 @@ class ElderConfig:
     steps: int = 50
     """Most Adam iterations per edit batch."""
     early_stop: float = 0.9
-    """Training of a batch stops once the geometric mean probability of its
-    (and the rehearsed edits') target tokens reaches this; 1: run every step.
-    Stopping at 0.9 instead of running all 50 steps cut the edit time by 60%
-    and changed the LoRAs less per batch, so earlier edits held better."""
+    """Training of a batch stops once the geometric mean probability of the new
+    edits' target tokens, and that of the rehearsed edits', each reach this;
+    1: run every step. Stopping at 0.9 instead of running all 50 steps cut the
+    edit time by 60% and changed the LoRAs less per batch, so earlier edits
+    held better. Judged as one mean, the rehearsed edits (three quarters of
+    the pairs, already learned) carried it past 0.9 early; judged apart, on
+    200 zsRE edits efficacy_exact rose from 0.81 to 0.83 (newest quarter
+    0.72 to 0.76)."""
     replay: int = 30
     """Earlier edits rehearsed with each new batch, drawn uniformly from every
     edit still held; 0: none, as in the paper. On 200 zsRE edits (N = 4) 30 gave
@@ -165,6 +169,17 @@ class ElderConfig:
             raise ValueError(f"guide_weight must be >= 0, got {self.guide_weight}")
         if self.deferral_radius < 1:
             raise ValueError(f"deferral_radius must be at least 1, got {self.deferral_radius}")
+
+
+def _lowest_mean_probability(token_losses: torch.Tensor, new_tokens: torch.Tensor) -> float:
+    """The lower geometric mean target probability of the new and the rehearsed edits.
+
+    Judged together, the rehearsed edits (most of the trained pairs, and
+    already learned) carried the mean past `early_stop` while the new ones
+    were still far below it.
+    """
+    groups = [token_losses[new_tokens], token_losses[~new_tokens]]
+    return min(math.exp(-group.mean().item()) for group in groups if group.numel())
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -526,6 +541,7 @@ class ElderEditor:
         tokens = edit_batch(
             self.handle, [r.prompt for r in trained], [r.target_new for r in trained]
         )
+        new_tokens = tokens.target_rows < len(batch)
         before = [parameter.detach().clone() for parameter in self._parameters()]
         optimizer = torch.optim.Adam(self._parameters(), lr=self.config.lr)
         self._local.training = True
@@ -534,8 +550,9 @@ class ElderEditor:
                 for step in range(self.config.steps + 1):
                     logits = self.handle.target_logits(tokens)
                     routing = self.current_routing
-                    edit_loss = F.cross_entropy(logits, tokens.target_ids)
-                    probability = math.exp(-edit_loss.item())
+                    token_losses = F.cross_entropy(logits, tokens.target_ids, reduction="none")
+                    edit_loss = token_losses.mean()
+                    probability = _lowest_mean_probability(token_losses, new_tokens)
                     if probability >= self.config.early_stop or step == self.config.steps:
                         break
                     optimizer.zero_grad(set_to_none=True)
