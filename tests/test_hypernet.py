@@ -22,7 +22,12 @@ from lledit.hypernet.losses import (
 )
 from lledit.hypernet.network import RunningNormaliser
 from lledit.hypernet.training import HypernetTrainer
-from lledit.hypernet.update import least_squares_update, mend_update, value_differences
+from lledit.hypernet.update import (
+    least_squares_update,
+    mend_update,
+    precision_with_keys,
+    value_differences,
+)
 from lledit.locate import key_covariances
 from lledit.methods import MALMEN, MEND, RLEdit
 from lledit.methods.base import add_weight_deltas
@@ -217,6 +222,17 @@ def test_least_squares_update_with_key_statistics_is_the_weighted_ridge_solution
     torch.testing.assert_close(keys @ weighted.T, values, rtol=0, atol=1e-4)
     torch.testing.assert_close(keys @ plain.T, values, rtol=0, atol=1e-4)
     assert (ordinary @ weighted.T).norm() < 0.9 * (ordinary @ plain.T).norm()
+
+
+def test_precision_with_keys_is_the_inverse_with_the_keys_added():
+    torch.manual_seed(0)
+    square = torch.randn(6, 6, dtype=torch.float64)
+    second_moment = square @ square.T + torch.eye(6, dtype=torch.float64)
+    precision = torch.linalg.inv(second_moment)
+    keys = torch.randn(3, 6)
+    held = precision_with_keys(precision, keys, 0.5)
+    keys64 = keys.double()
+    torch.testing.assert_close(held, torch.linalg.inv(second_moment + 0.5 * keys64.T @ keys64))
 
 
 def test_least_squares_update_maps_each_key_to_its_value_with_a_tiny_ridge():
@@ -777,6 +793,43 @@ def test_bfloat16_model_edits_and_undoes_exactly(trained, tokenizer):
     assert_weights_equal(handle, before)
 
 
+def test_earlier_keys_weight_keeps_earlier_batches_and_undo_releases_them(trained, tokenizer):
+    arch, trainer, out = trained
+    handle = fresh(arch, tokenizer)
+    before = snapshot(handle)
+    first_batch, second_batch = make_requests(4)[:2], make_requests(4)[2:]
+    prompts, targets = [r.prompt for r in first_batch], [r.target_new for r in first_batch]
+    first_keys = capture_gradients(
+        handle, trainer.module_names, edit_batch(handle, prompts, targets)
+    )
+    moved = {}
+    for weight in (0.0, 1e3):
+        editor = make_editor("malmen", handle, checkpoint=out, earlier_keys_weight=weight)
+        first = editor.apply(first_batch)
+        second = editor.apply(second_batch)
+        moved[weight] = sum(
+            (second.deltas[name] @ first_keys[name].keys.T).norm() / second.deltas[name].norm()
+            for name in trainer.module_names
+        )
+        if weight:
+            second.undo()
+            again = editor.apply(second_batch)
+            for name in trainer.module_names:
+                torch.testing.assert_close(again.deltas[name], second.deltas[name])
+            again.undo()
+            first.undo()
+            for name in trainer.module_names:
+                unheld = trainer.network.key_precision(name)
+                if unheld is None:
+                    unheld = torch.eye(len(editor._key_precisions[name]))
+                torch.testing.assert_close(editor._key_precisions[name], unheld.double())
+        else:
+            second.undo()
+            first.undo()
+        assert_weights_equal(handle, before)
+    assert moved[1e3] < 0.05 * moved[0.0]
+
+
 def test_validate_runs_the_lifelong_protocol_and_restores(trained):
     _, trainer, out = trained
     before = snapshot(trainer.handle)
@@ -945,6 +998,13 @@ def test_bad_checkpoints_are_refused_clearly(trained, tokenizer, tmp_path):
         with pytest.raises(CheckpointError, match=message):
             editor.apply(make_requests(1))
     assert_weights_equal(handle, before)
+
+
+def test_earlier_keys_weight_is_refused_without_a_ridge_or_below_zero(tiny):
+    with pytest.raises(ValueError, match="'mend' has no ridge"):
+        make_editor("mend", tiny, checkpoint="unread", earlier_keys_weight=0.1)
+    with pytest.raises(ValueError, match="earlier_keys_weight must be >= 0, got -1"):
+        make_editor("rledit", tiny, checkpoint="unread", earlier_keys_weight=-1.0)
 
 
 @pytest.mark.parametrize("method", ["mend", "malmen", "rledit"])

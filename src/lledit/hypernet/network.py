@@ -8,7 +8,7 @@ training and frozen at edit time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -175,16 +175,27 @@ class Hypernetwork(nn.Module):
         d_in = captured.keys.shape[1]
         return outputs[:, :d_in], outputs[:, d_in:]
 
-    def delta(self, name: str, captured: Captured) -> torch.Tensor:
-        """The (d_out, d_in) float32 update of module `name`."""
+    def delta(
+        self, name: str, captured: Captured, key_precision: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The (d_out, d_in) float32 update of module `name`; `key_precision`
+        replaces the ridge's P (the editor's, holding earlier edits' keys)."""
         index = self.module_names.index(name)
         pseudo_keys, pseudo_grads = self.pseudo(name, captured)
         if self.update_rule == "mend":
             return mend_update(pseudo_keys, pseudo_grads, self.log_lr[index])
         values = value_differences(captured.keys, pseudo_keys, pseudo_grads, self.log_lr[index])
-        return least_squares_update(
-            captured.keys, values, self.log_ridge[index], self.key_precision(name)
-        )
+        if key_precision is None:
+            key_precision = self.key_precision(name)
+        return least_squares_update(captured.keys, values, self.log_ridge[index], key_precision)
 
-    def deltas(self, captured: dict[str, Captured]) -> dict[str, torch.Tensor]:
-        return {name: self.delta(name, captured[name]) for name in self.module_names}
+    def deltas(
+        self,
+        captured: dict[str, Captured],
+        key_precisions: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        key_precisions = key_precisions or {}
+        return {
+            name: self.delta(name, captured[name], key_precisions.get(name))
+            for name in self.module_names
+        }

@@ -41,7 +41,7 @@ class _RidgeSolve(torch.autograd.Function):
     def forward(ctx, keys, values, log_ridge, key_precision):
         # The tokens x tokens system is small; float64 keeps it solvable for any ridge.
         keys64 = keys.double()
-        projected = (keys if key_precision is None else keys @ key_precision).double()
+        projected = keys64 if key_precision is None else keys64 @ key_precision.double()
         ridge = log_ridge.double().exp()
         gram = projected @ keys64.T
         gram.diagonal().add_(ridge)
@@ -73,3 +73,17 @@ def least_squares_update(
     e^λ E‖ΔW k‖², instead of e^λ ‖ΔW‖² (MEMIT's C₀).
     """
     return _RidgeSolve.apply(keys, values, log_ridge, key_precision)
+
+
+def precision_with_keys(precision: torch.Tensor, keys: torch.Tensor, weight: float) -> torch.Tensor:
+    """(P⁻¹ + w KᵀK)⁻¹ from P, by the Woodbury identity, in float64.
+
+    Holding earlier edits' keys K in the ridge makes a later update leave
+    their outputs alone. The (tokens x tokens) solve costs far less than
+    inverting the d_in x d_in matrix.
+    """
+    precision, keys = precision.double(), keys.double()
+    projected = keys @ precision
+    inner = projected @ keys.T
+    inner.diagonal().add_(1 / weight)
+    return precision - projected.T @ torch.linalg.solve(inner, projected)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -74,12 +74,18 @@ class WeightDelta:
     """
 
     def __init__(
-        self, handle: ModelHandle, before: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]
+        self,
+        handle: ModelHandle,
+        before: dict[str, torch.Tensor],
+        deltas: dict[str, torch.Tensor],
+        on_undo: Callable[[], None] | None = None,
     ) -> None:
         self._handle = handle
         self.before = before
         self.deltas = deltas
         """The (d_out, d_in) float32 delta added to each module's weight."""
+        self._on_undo = on_undo
+        """What the editor forgets of this batch once it is undone (the keys it holds)."""
         self._undone = False
 
     @torch.no_grad()
@@ -92,6 +98,8 @@ class WeightDelta:
                 weight.copy_(before)
             else:
                 weight.copy_(_added(weight, -self.deltas[name]))
+        if self._on_undo is not None:
+            self._on_undo()
         self._undone = True
 
 
@@ -126,10 +134,13 @@ def add_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -
         weights[name].copy_(value)
 
 
-def apply_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> WeightDelta:
+def apply_weight_deltas(
+    handle: ModelHandle,
+    deltas: Mapping[str, torch.Tensor],
+    on_undo: Callable[[], None] | None = None,
+) -> WeightDelta:
     """`add_weight_deltas`, returning the record that undoes it exactly."""
     before = {name: handle.weight_of(name).detach().clone() for name in deltas}
     add_weight_deltas(handle, deltas)
-    return WeightDelta(
-        handle, before, {name: delta.detach().float().clone() for name, delta in deltas.items()}
-    )
+    deltas = {name: delta.detach().float().clone() for name, delta in deltas.items()}
+    return WeightDelta(handle, before, deltas, on_undo)

@@ -7,7 +7,9 @@ size of its update, so it learns updates that suit an already edited model.
 A second, lighter locality term against the original weights judges what
 the trajectory has changed so far.
 Its least-squares ridge is shaped by the statistics of ordinary keys, so
-updates stay out of the directions ordinary text uses.
+updates stay out of the directions ordinary text uses, and at edit time it
+also holds the keys of the batches applied before, so a new update leaves
+earlier edits alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lledit.hypernet import HypernetEditor, HypernetTrainConfig
+from lledit.hypernet import HypernetEditConfig, HypernetEditor, HypernetTrainConfig
 
 
 @dataclass
@@ -54,8 +56,21 @@ class RLEditTrainConfig(HypernetTrainConfig):
     with it, against 0.57, 0.51 and 0.63 with the plain ridge."""
 
 
+@dataclass
+class RLEditConfig(HypernetEditConfig):
+    """Editing with a trained RLEdit network; the defaults suit SmolLM2-135M."""
+
+    earlier_keys_weight: float = 0.03
+    """Over 1000 zsRE edits with the default network, 0 / 0.003 / 0.01 / 0.03 /
+    0.1 / 0.3 / 1 gave efficacy 0.64 / 0.69 / 0.70 / 0.69 / 0.67 / 0.62 /
+    0.53 and locality 0.74 / 0.77 / 0.78 / 0.80 / 0.81 / 0.81 / 0.82. The
+    network was trained with every batch solved on its own, and held keys
+    that weigh much leave new edits too little room."""
+
+
 class RLEdit(HypernetEditor):
     name: ClassVar[str] = "rledit"
     description: ClassVar[str] = "RLEdit: hypernetwork trained on edit sequences (needs training)"
     update_rule: ClassVar[str] = "least_squares"
+    config_class: ClassVar[type] = RLEditConfig
     train_config_class: ClassVar[type] = RLEditTrainConfig
