@@ -85,9 +85,16 @@ class AlphaEdit:
             raise ValueError("an edit batch must hold at least one request")
         self.prepare()
         self._pending = {}
-        applied = apply_weight_deltas(self.handle, self.locator.deltas(batch, self._solve))
+        deltas = self.locator.deltas(batch, self._solve)
+        grams = self._pending
+        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: self._release(grams))
         # Only a batch that was applied joins the keys to protect.
-        for module, gram in self._pending.items():
+        for module, gram in grams.items():
             past = self.past_keys.get(module)
             self.past_keys[module] = gram if past is None else past + gram
         return applied
+
+    def _release(self, grams: dict[str, torch.Tensor]) -> None:
+        """An undone batch's keys are no longer protected."""
+        for module, gram in grams.items():
+            self.past_keys[module] = self.past_keys[module] - gram
