@@ -1,5 +1,6 @@
 """The hypernetwork editors (MEND, MALMEN, RLEdit): maths, meta-gradients, training, checkpoints."""
 
+import itertools
 import json
 import math
 import shutil
@@ -664,6 +665,32 @@ def _trajectory_losses(trainer, trajectories) -> tuple[float, float]:
     return totals / count, rephrases / count
 
 
+def test_trajectory_holds_its_earlier_batches_keys(tiny, tmp_path):
+    trainer = make_trainer(
+        tiny, RLEdit, tmp_path, trajectory_length=3, earlier_keys_weight=0.5, part="mlp_out"
+    )
+    trainer._warm_up()
+    seen: list[tuple[dict, dict]] = []
+    solve = trainer.network.deltas
+
+    def recording(captured, key_precisions=None):
+        seen.append((captured, {n: p.clone() for n, p in key_precisions.items()}))
+        return solve(captured, key_precisions)
+
+    trainer.network.deltas = recording
+    weights = (0.5 / trainer.network.log_ridge.detach().exp()).tolist()  # before the step
+    trainer._run_trajectory(0, on_step=lambda: None)
+    assert len(seen) == 3
+    for index, name in enumerate(trainer.module_names):
+        expected = torch.eye(len(seen[0][1][name]), dtype=torch.float64)
+        torch.testing.assert_close(seen[0][1][name], expected)
+        for (captured, _), (_, held) in itertools.pairwise(seen):
+            expected = precision_with_keys(expected, captured[name].keys, weights[index])
+            torch.testing.assert_close(held[name], expected)
+    with pytest.raises(ValueError, match="the mend update has none"):
+        make_trainer(tiny, MEND, tmp_path / "mend", earlier_keys_weight=0.5)
+
+
 def test_rledit_training_lowers_the_trajectory_loss_and_restores_the_model(tokenizer, tmp_path):
     handle = fresh("llama", tokenizer)
     before = snapshot(handle)
@@ -821,8 +848,8 @@ def test_earlier_keys_weight_keeps_earlier_batches_and_undo_releases_them(traine
             for name in trainer.module_names:
                 unheld = trainer.network.key_precision(name)
                 if unheld is None:
-                    unheld = torch.eye(len(editor._key_precisions[name]))
-                torch.testing.assert_close(editor._key_precisions[name], unheld.double())
+                    unheld = torch.eye(len(editor.held.precisions[name]))
+                torch.testing.assert_close(editor.held.precisions[name], unheld.double())
         else:
             second.undo()
             first.undo()
@@ -1001,7 +1028,7 @@ def test_bad_checkpoints_are_refused_clearly(trained, tokenizer, tmp_path):
 
 
 def test_earlier_keys_weight_is_refused_without_a_ridge_or_below_zero(tiny):
-    with pytest.raises(ValueError, match="'mend' has no ridge"):
+    with pytest.raises(ValueError, match="the mend update has none"):
         make_editor("mend", tiny, checkpoint="unread", earlier_keys_weight=0.1)
     with pytest.raises(ValueError, match="earlier_keys_weight must be >= 0, got -1"):
         make_editor("rledit", tiny, checkpoint="unread", earlier_keys_weight=-1.0)

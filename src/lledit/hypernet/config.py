@@ -37,6 +37,10 @@ class HypernetTrainConfig:
     """Weight of the KL from the original model (not the previous weights) on
     the same locality prompts, which judges the change a trajectory has added
     up so far; 0: none."""
+    earlier_keys_weight: float = 0.0
+    """Least-squares rule only: within a trajectory, each batch's update is
+    solved with the keys of the trajectory's earlier batches held in the
+    ridge, as the editor's setting of the same name does; 0: none."""
     locality_tokens: int = 4
     """Locality answers are judged on at most this many leading tokens (long answers cost time)."""
     l2_weight: float = 0.0

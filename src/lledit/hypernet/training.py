@@ -40,6 +40,7 @@ from lledit.hypernet.checkpoint import (
 )
 from lledit.hypernet.config import HypernetTrainConfig, edited_modules
 from lledit.hypernet.editor import HypernetEditor
+from lledit.hypernet.held_keys import HeldKeys
 from lledit.hypernet.losses import (
     LossBatch,
     locality_log_probs,
@@ -122,6 +123,7 @@ class HypernetTrainer:
         split = len(requests) - config.validation_edits
         self.train_examples = _Examples(handle, requests[:split], config.locality_tokens)
         self.validation_requests = list(requests[split:])
+        HeldKeys.check(editor_class.update_rule, config.earlier_keys_weight)
         torch.manual_seed(config.seed)
         self.network = Hypernetwork(
             edited_modules(handle, config),
@@ -232,6 +234,9 @@ class HypernetTrainer:
         batches = self._trajectory_batches(trajectory)
         totals = {"rephrase": 0.0, "locality": 0.0, "drift": 0.0, "l2": 0.0}
         original: deque[torch.Tensor] = deque(maxlen=config.backtrack_depth)
+        held = None
+        if config.earlier_keys_weight:
+            held = HeldKeys(network, config.earlier_keys_weight, handle.device)
         try:
             for t, indices in enumerate(batches):
                 edits, loss_batch = self.train_examples.batch(indices)
@@ -242,8 +247,10 @@ class HypernetTrainer:
                 if config.drift_weight:
                     original.appendleft(self._original_log_probs(loss_batch))
                     original_reference = torch.cat(list(original))
-                deltas = network.deltas(captured)
+                deltas = network.deltas(captured, None if held is None else held.precisions)
                 add_weight_deltas(handle, {n: d.detach() for n, d in deltas.items()})
+                if held is not None:
+                    held.hold({name: captured[name].keys for name in self.module_names})
                 parts, grads = weight_gradients(
                     handle,
                     self.module_names,
