@@ -26,7 +26,7 @@ class HypernetEditConfig:
     """Least-squares rule only: each batch's update also keeps the outputs of
     every earlier batch's keys, each weighted this much against fitting one
     of its own (AlphaEdit's earlier-edit keys, here in the ridge); 0: every
-    batch is solved on its own, as in MALMEN and RLEdit."""
+    batch is solved on its own, as in the MALMEN and RLEdit papers."""
 
 
 class HypernetEditor:
