@@ -7,9 +7,9 @@ size of its update, so it learns updates that suit an already edited model.
 A second, lighter locality term against the original weights judges what
 the trajectory has changed so far.
 Its least-squares ridge is shaped by the statistics of ordinary keys, so
-updates stay out of the directions ordinary text uses, and at edit time it
-also holds the keys of the batches applied before, so a new update leaves
-earlier edits alone.
+updates stay out of the directions ordinary text uses, and it holds the keys
+of the batches applied before (in training, those of the trajectory), so a
+new update leaves earlier edits alone.
 """
 
 from __future__ import annotations
