@@ -119,9 +119,9 @@ class ElderConfig:
     1: run every step. Stopping at 0.9 instead of running all 50 steps cut the
     edit time by 60% and changed the LoRAs less per batch, so earlier edits
     held better. Judged as one mean, the rehearsed edits (most of the pairs,
-    already learned) carried it past 0.9 early; judged apart, on
-    200 zsRE edits efficacy_exact rose from 0.81 to 0.83 (newest quarter
-    0.72 to 0.76)."""
+    already learned) carried it past 0.9 early; judged apart, on 200 zsRE
+    edits efficacy_exact rose from 0.81 to 0.83 (newest quarter 0.72 to
+    0.76)."""
     replay: int = 60
     """Earlier edits rehearsed with each new batch, drawn uniformly from every
     edit still held; 0: none, as in the paper. After 1000 zsRE edits, 30 / 60
@@ -174,12 +174,8 @@ class ElderConfig:
 
 
 def _lowest_mean_probability(token_losses: torch.Tensor, new_tokens: torch.Tensor) -> float:
-    """The lower geometric mean target probability of the new and the rehearsed edits.
-
-    Judged together, the rehearsed edits (most of the trained pairs, and
-    already learned) carried the mean past `early_stop` while the new ones
-    were still far below it.
-    """
+    """The lower geometric mean target probability of the new and the rehearsed
+    edits, which `ElderConfig.early_stop` judges apart."""
     groups = [token_losses[new_tokens], token_losses[~new_tokens]]
     return min(math.exp(-group.mean().item()) for group in groups if group.numel())
 
