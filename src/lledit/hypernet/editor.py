@@ -102,7 +102,8 @@ class HypernetEditor:
             deltas = self.network.deltas(captured, precisions)
         if self.held is None:
             return apply_weight_deltas(self.handle, deltas)
-        keys = {name: captured[name].keys for name in deltas}
-        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: self.held.release(keys))
-        self.held.hold(keys)  # only a batch that was applied
+        applied = apply_weight_deltas(
+            self.handle, deltas, on_undo=lambda: self.held.release(captured)
+        )
+        self.held.hold(captured)  # only a batch that was applied
         return applied
