@@ -97,13 +97,11 @@ class HypernetEditor:
         captured = capture_gradients(self.handle, self.network.module_names, tokens)
         if self.config.earlier_keys_weight and self.held is None:
             self.held = HeldKeys(self.network, self.config.earlier_keys_weight, self.handle.device)
-        precisions = None if self.held is None else self.held.precisions
+        held = self.held
         with torch.no_grad():
-            deltas = self.network.deltas(captured, precisions)
-        if self.held is None:
+            deltas = self.network.deltas(captured, None if held is None else held.precisions)
+        if held is None:
             return apply_weight_deltas(self.handle, deltas)
-        applied = apply_weight_deltas(
-            self.handle, deltas, on_undo=lambda: self.held.release(captured)
-        )
-        self.held.hold(captured)  # only a batch that was applied
+        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: held.release(captured))
+        held.hold(captured)  # only a batch that was applied
         return applied
