@@ -37,6 +37,9 @@ batches of 10 (`benchmarks/elder_defaults.py`):
   held edit's stored query (`anchor_weight`). The LoRAs are shared by every
   edit, and without rehearsal each batch overwrote the ones before it:
   efficacy_exact fell from 1.0 right after a batch to 0.28 five batches later.
+* The query comes from layer 8 of 30, not from just below the adapted
+  layers: after 1000 zsRE edits it raised generalization_exact from 0.31 to
+  0.39 (ε = 4), at efficacy_exact 0.83 against 0.85.
 * N defaults to 8 LoRAs per layer, not 4, of rank 16, not 8, and ε to 4
   of the 48 code bits, not 12 of 24. Over 1000 edits the 4-LoRA codes
   crowded: with 6 choices per layer, 1000 edits' codes and their neighbours
@@ -88,7 +91,12 @@ class ElderConfig:
     (`mlp.down_proj`; GPT-2 `mlp.c_proj`)."""
     query_layer: int | None = None
     """Decoder layer whose output at the last prompt token is the routers'
-    query; None: the layer just below the first adapted one (20 on SmolLM2)."""
+    query; None: the layer at 28% depth (8 of 30 on SmolLM2), or the one just
+    below the first adapted layer if that is lower. After 1000 zsRE edits
+    (ε = 4), layer 8 / 20 gave efficacy_exact 0.83 / 0.85,
+    generalization_exact 0.39 / 0.31 and locality 1.00 / 1.00, at 1.71 /
+    2.10 s per edit. From the lower layer rephrases reach their edit's code
+    more often: at ε = 2, generalization_exact 0.34 against 0.18."""
     n_loras: int = 8
     """N: LoRAs per adapted layer. Measured before `router_steps` existed: the
     paper's 4 give each layer 6 codes; after 1000 zsRE edits (rank 8, ε = 4),
@@ -315,7 +323,10 @@ class ElderEditor:
             layers = default_layers(handle.num_layers)
         else:
             layers = parse_layers(config.layers, handle.num_layers)
-        query_layer = layers[0] - 1 if config.query_layer is None else config.query_layer
+        if config.query_layer is None:
+            query_layer = min(int(0.28 * handle.num_layers), layers[0] - 1)
+        else:
+            query_layer = config.query_layer
         if not 0 <= query_layer < layers[0]:
             raise ValueError(
                 f"query_layer must lie below every adapted layer (0-{layers[0] - 1}), "
