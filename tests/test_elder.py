@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import assert_weights_equal, make_tiny_model, snapshot
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
@@ -385,6 +386,22 @@ def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
     (tmp_path / "grace" / "elder.json").write_text((tmp_path / "grace" / "grace.json").read_text())
     with pytest.raises(ValueError, match="'grace' editor, not ELDER"):
         loaded.load(tmp_path / "grace")
+
+
+def test_elder_default_layers_on_a_30_layer_model(tokenizer):
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    handle = ModelHandle(LlamaForCausalLM(config), tokenizer, "tiny-30-layers")
+    editor = make_editor("elder", handle)
+    assert editor.layers == tuple(range(21, 27)) and editor.query_layer == 8
+    editor.remove()
+    assert make_editor("elder", handle, layers="3-4").query_layer == 2  # just below the adapters
 
 
 def test_elder_config_errors(tiny):

@@ -95,8 +95,8 @@ class ElderConfig:
     below the first adapted layer if that is lower. After 1000 zsRE edits
     (ε = 4), layer 8 / 20 gave efficacy_exact 0.83 / 0.85,
     generalization_exact 0.39 / 0.31 and locality 1.00 / 1.00, at 1.71 /
-    2.10 s per edit. From the lower layer rephrases reach their edit's code
-    more often: at ε = 2, generalization_exact 0.34 against 0.18. Over 1000
+    2.10 s per edit. From the lower layer more rephrases pass even a tight
+    deferral: at ε = 2, generalization_exact 0.34 against 0.18. Over 1000
     CounterFact edits it cost a little: generalization 0.48 against 0.52,
     locality 0.06 against 0.10."""
     n_loras: int = 8
