@@ -6,7 +6,9 @@ sequence (batches of 10) and then scores all of them on the final model once
 per deferral radius ε. ε only decides at inference whether an input's
 allocation code is close enough to an edit's, so one edit sequence gives the
 whole ε table: a larger ε lets more rephrases (generalization) but also more
-unrelated prompts (locality) through the adapters.
+unrelated prompts (locality) through the adapters. After the table come
+efficacy_exact and generalization_exact at each setting's own ε over the
+edits in tenths by age, oldest first.
 
 GRACE: the distance from each edit prompt's key to its rephrases' keys and to
 unrelated prompts' keys, which brackets a sensible radius, then the metrics
@@ -51,6 +53,14 @@ def edit_all(editor, requests, batch_size: int) -> float:
     for start in range(0, len(requests), batch_size):
         editor.apply(requests[start : start + batch_size])
     return (time.perf_counter() - started) / len(requests)
+
+
+def by_age(scores: list[dict], metric: str, parts: int = 10) -> str:
+    """The metric averaged over each tenth of the edits, oldest first: whether
+    early edits were forgotten or late ones left under-trained."""
+    size = max(1, len(scores) // parts)
+    chunks = [scores[start : start + size] for start in range(0, len(scores), size)]
+    return " ".join(f"{sum(s[metric] for s in chunk) / len(chunk):.2f}" for chunk in chunks)
 
 
 def row(label: str, metrics: dict[str, float], per_edit: float) -> str:
@@ -102,15 +112,23 @@ def main() -> None:
     print(f"ELDER, {len(requests)} zsRE edits in batches of {args.batch_size}\n")
     print("| settings | ε " + header)
     print("|---" * (len(METRICS) + 3) + "|")
+    ages: list[str] = []
     for text in args.elder or ELDER_SETTINGS:
         settings = parse_settings("elder", [part for part in text.split(",") if part])
         editor = make_editor("elder", handle, **settings)
         per_edit = edit_all(editor, requests, args.batch_size)
         for radius in RADII:
             editor.deferral_radius = radius
-            metrics, _ = evaluate(handle, requests, reference=reference)
+            metrics, scores = evaluate(handle, requests, reference=reference)
             print(row(f"{text or 'defaults'} | {radius}", metrics, per_edit), flush=True)
+            if radius == editor.config.deferral_radius:
+                ages.extend(
+                    f"{text or 'defaults'}, ε {radius}: {name} by age, oldest tenth first: "
+                    + by_age(scores, name)
+                    for name in ("efficacy_exact", "generalization_exact")
+                )
         editor.remove()
+    print("\n" + "\n".join(ages))
     if args.no_grace:
         return
     print("\n" + grace_key_distances(handle, requests) + "\n")
