@@ -349,8 +349,9 @@ def test_two_edited_models_do_not_interfere(tiny, requests_small):
 
 
 def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
-    editor = make_editor("elder", tiny, layers="1-3", rank=4, deferral_radius=3, seed=5)
-    editor.apply(requests_small)
+    editor = make_editor("elder", tiny, layers="1-3", rank=4, deferral_radius=3, seed=5, replay=1)
+    editor.apply(requests_small[:2])
+    editor.apply(requests_small[2:])
     probe = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
     probe += UNRELATED
     expected = logits(tiny, probe)
@@ -367,7 +368,8 @@ def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
     ]
     assert torch.equal(held[1], saved[1]) and torch.equal(held[2], saved[2])
     assert torch.equal(logits(restored, probe), expected)
-    # The allocation generator continues where the saved editor left off.
+    # Rehearsal and the allocation generator continue where the saved editor left off.
+    assert loaded._rehearsal_start == editor._rehearsal_start == 1
     assert torch.equal(loaded._allocations(["x"]), editor._allocations(["x"]))
 
     with pytest.raises(FileNotFoundError, match="no saved ELDER"):
@@ -583,6 +585,25 @@ def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, reques
     finally:
         hook.remove()
     assert rows == [1] * 4
+
+
+def test_elder_rehearses_the_held_edits_in_turn(tiny):
+    requests = [EditRequest(prompt, "Rome") for prompt in UNRELATED]
+    editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=1)
+    rehearsals = []
+    choose = editor._rehearsal
+
+    def record(*held):
+        chosen = choose(*held)
+        rehearsals.append([request.prompt for request in chosen[0]])
+        return chosen
+
+    editor._rehearsal = record
+    editor.apply(requests[:5])
+    for request in requests[5:]:
+        editor.apply([request])
+    # Each batch takes the two held edits after the ones the batch before took.
+    assert rehearsals == [[], UNRELATED[0:2], UNRELATED[2:4], UNRELATED[4:6]]
 
 
 def test_elder_codes_follow_the_current_routers(tiny, requests_small):
