@@ -1,5 +1,6 @@
 """ELDER and GRACE on tiny random models: deferral, routing, training, undo, save/load."""
 
+import inspect
 import json
 import math
 
@@ -253,11 +254,14 @@ def test_cached_pass_without_its_prompt_pass_is_an_error(tiny, requests_small):
     editor = make_editor("elder", tiny, **ALWAYS)
     editor.apply(requests_small)
     encoded = tiny.tokenizer(["The capital of France is"], return_tensors="pt")
+    # transformers 5.25 renamed `past_key_values` to `cache`.
+    parameters = inspect.signature(tiny.model.forward).parameters
+    name = "cache" if "cache" in parameters else "past_key_values"
     with torch.no_grad():
-        cache = tiny.model(**encoded, use_cache=True).past_key_values
+        cache = getattr(tiny.model(**encoded, use_cache=True), name)
         tiny.model(**tiny.tokenizer(["A", "B"], return_tensors="pt"), use_cache=False)
         with pytest.raises(RuntimeError, match="extending a KV cache"):
-            tiny.model(input_ids=torch.tensor([[5]]), past_key_values=cache)
+            tiny.model(input_ids=torch.tensor([[5]]), **{name: cache})
 
 
 def test_guided_loss_routes_rephrases_to_the_edit_allocation(tiny):

@@ -269,7 +269,9 @@ class SequenceWatch:
 
     def _observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         arguments = self._signature.bind_partial(*args, **kwargs).arguments
-        self._state.extends_cache = _cached_length(arguments.get("past_key_values")) > 0
+        # transformers 5.25 renamed the base models' `past_key_values` to `cache`.
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        self._state.extends_cache = _cached_length(cache) > 0
         self._state.attention_mask = arguments.get("attention_mask")
         self._state.explicit = self._handle.current_prompt_ends
 
