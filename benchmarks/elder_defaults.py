@@ -114,16 +114,17 @@ def main() -> None:
     print("|---" * (len(METRICS) + 3) + "|")
     ages: list[str] = []
     for text in args.elder or ELDER_SETTINGS:
+        label = text or "defaults"
         settings = parse_settings("elder", [part for part in text.split(",") if part])
         editor = make_editor("elder", handle, **settings)
         per_edit = edit_all(editor, requests, args.batch_size)
         for radius in RADII:
             editor.deferral_radius = radius
             metrics, scores = evaluate(handle, requests, reference=reference)
-            print(row(f"{text or 'defaults'} | {radius}", metrics, per_edit), flush=True)
+            print(row(f"{label} | {radius}", metrics, per_edit), flush=True)
             if radius == editor.config.deferral_radius:
                 ages.extend(
-                    f"{text or 'defaults'}, ε {radius}: {name} by age, oldest tenth first: "
+                    f"{label}, ε {radius}: {name} by age, oldest tenth first: "
                     + by_age(scores, name)
                     for name in ("efficacy_exact", "generalization_exact")
                 )

@@ -548,10 +548,8 @@ class ElderEditor:
         """The next `replay` held edits in turn, from where the last batch's
         rehearsal ended, with their allocations."""
         count = min(self.config.replay, len(requests))
-        chosen = (torch.arange(count) + self._rehearsal_start) % max(len(requests), 1)
-        return [requests[index] for index in chosen.tolist()], allocations[
-            chosen.to(allocations.device)
-        ]
+        chosen = [(self._rehearsal_start + offset) % len(requests) for offset in range(count)]
+        return [requests[index] for index in chosen], allocations[chosen]
 
     def apply(self, batch: Sequence[EditRequest]) -> ElderEdit:
         """Train adapters and routers on the batch's prompts, with `replay`
