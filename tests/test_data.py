@@ -443,6 +443,8 @@ def test_real_zsre_eval() -> None:
     assert (dataset.n_records, dataset.n_skipped, len(dataset.requests)) == (1037, 0, 1037)
     assert all(r.target_true and r.rephrases and r.locality for r in dataset.requests)
     assert dataset.requests[0].locality[0][0].startswith("nq question: ")
+    assert all(len(r.portability) == 1 for r in dataset.requests)
+    assert dataset.requests[0].portability[0][1] == "Athletics"
 
 
 def test_real_zsre_train_10k_has_no_answers() -> None:
@@ -482,6 +484,8 @@ def test_real_counterfact_preview_is_nested() -> None:
     assert first.prompt == "The mother tongue of Danielle Darrieux is"
     assert first.id == "0"
     assert first.locality and all(answer == "French" for _, answer in first.locality)
+    assert all(len(r.generation_prompts) >= 5 for r in dataset.requests)
+    assert first.generation_prompts[0].startswith("Danielle Darrieux")
 
 
 def test_real_knowedit() -> None:
@@ -492,6 +496,18 @@ def test_real_knowedit() -> None:
     first = dataset.requests[0]
     assert (first.target_new, first.target_true) == ("Franche-Comté", "France")
     assert first.locality == (("The name of the founder of Goursez Vreizh is", "Jean Le Fustec"),)
+    assert first.portability == (
+        (
+            "The name of the capital city of the country Goursez Vreizh is associated with is",
+            "Besançon",
+        ),
+        (
+            "The name of the country which Gorsedd of Brittany is associated with is",
+            "Franche-Comté",
+        ),
+    )
+    # Every portability group of the file is read: reasoning, aliases, logical generalization.
+    assert sum(len(r.portability) for r in dataset.requests) >= 2200  # of 2219 in the file
 
 
 def test_real_files_match_the_manifest() -> None:

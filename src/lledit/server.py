@@ -110,6 +110,10 @@ class Edit(BaseModel):
     rephrases: list[str] = []
     locality: list[tuple[str, str]] = Field(default=[], description="[prompt, answer] pairs")
     id: str | None = None
+    portability: list[tuple[str, str]] = Field(
+        default=[], description="[prompt, answer] pairs that follow from the new fact"
+    )
+    generation_prompts: list[str] = []
 
 
 class EditBatch(BaseModel):

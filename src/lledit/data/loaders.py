@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lledit.data.request import EditRequest, InvalidEditError
+from lledit.data.request import FIELDS, EditRequest, InvalidEditError
 
 FORMATS = ("zsre", "counterfact_nested", "counterfact_flat", "knowedit", "fever", "lledit")
-_LLEDIT_FIELDS = {"id", "prompt", "target_new", "subject", "target_true", "rephrases", "locality"}
 
 
 class DataFileError(ValueError):
@@ -119,11 +118,11 @@ def detect_format(record: Any) -> str:
     if {"prompt", "equiv_prompt", "alt"} <= keys:
         return "fever"
     if {"prompt", "target_new"} <= keys:
-        if "portability" in keys or isinstance(record.get("locality"), dict):
+        if isinstance(record.get("portability"), dict) or isinstance(record.get("locality"), dict):
             return "knowedit"
         if "locality_prompt" in keys or "ground_truth" in keys:
             return "counterfact_flat"
-        if keys <= _LLEDIT_FIELDS:
+        if keys <= set(FIELDS):
             return "lledit"
     raise DataFileError(
         f"unknown record format (keys seen: {sorted(keys)}); known formats: {FORMATS}"
@@ -218,8 +217,20 @@ def _case_id(record: dict[str, Any]) -> str | None:
 
 
 def from_zsre(record: dict[str, Any]) -> EditRequest:
-    """MEND zsRE: make `src` answer `alt`; `answers[0]` is the original answer."""
+    """MEND zsRE: make `src` answer `alt`; `answers[0]` is the original answer.
+
+    The eval file's `portability` (a question whose answer follows from the new
+    fact, "New Question" / "New Answer") becomes the request's portability pair.
+    """
     answers = record.get("answers")
+    portability = []
+    if record.get("portability") is not None:
+        portability.append(
+            (
+                _text_at(record, "portability", "New Question"),
+                _answer_at(record, "portability", "New Answer"),
+            )
+        )
     return EditRequest(
         prompt=_text_at(record, "src"),
         target_new=_text_at(record, "alt"),
@@ -228,6 +239,7 @@ def from_zsre(record: dict[str, Any]) -> EditRequest:
         rephrases=_texts_at(record, "rephrase"),
         locality=[(_text_at(record, "loc"), _answer_at(record, "loc_ans"))],
         id=_case_id(record),
+        portability=portability,
     )
 
 
@@ -249,6 +261,9 @@ def from_counterfact_nested(record: dict[str, Any]) -> EditRequest:
         rephrases=_texts_at(record, "paraphrase_prompts"),
         locality=[(prompt, target_true) for prompt in _texts_at(record, "neighborhood_prompts")],
         id=_case_id(record),
+        generation_prompts=(
+            _texts_at(record, "generation_prompts") if "generation_prompts" in record else ()
+        ),
     )
 
 
@@ -267,25 +282,32 @@ def from_counterfact_flat(record: dict[str, Any]) -> EditRequest:
     )
 
 
+def _grouped_pairs(record: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """KnowEdit's `{group: [{prompt, ground_truth}, ...]}` as (prompt, answer) pairs."""
+    groups = record.get(key) or {}
+    if not isinstance(groups, dict):
+        raise InvalidEditError(key, f"expected an object, got a JSON {_json_type(groups)}")
+    pairs = []
+    for group, items in groups.items():
+        if not isinstance(items, list):
+            raise InvalidEditError(
+                f"{key}.{group}", f"expected an array, got a JSON {_json_type(items)}"
+            )
+        for position in range(len(items)):
+            prompt = _text_at(record, key, group, position, "prompt")
+            answer = _answer_at(record, key, group, position, "ground_truth")
+            pairs.append((prompt, answer))
+    return pairs
+
+
 def from_knowedit(record: dict[str, Any]) -> EditRequest:
-    """KnowEdit: locality prompts come in named groups; rephrases and ground truth are optional."""
+    """KnowEdit: locality and portability prompts come in named groups (portability:
+    reasoning, subject aliasing, logical generalization); rephrases and ground
+    truth are optional."""
     rephrases = []
     for key in ("rephrase_prompt", "rephrase"):
         if record.get(key) is not None:
             rephrases += _texts_at(record, key)
-    groups = record.get("locality") or {}
-    if not isinstance(groups, dict):
-        raise InvalidEditError("locality", f"expected an object, got a JSON {_json_type(groups)}")
-    locality = []
-    for group, items in groups.items():
-        if not isinstance(items, list):
-            raise InvalidEditError(
-                f"locality.{group}", f"expected an array, got a JSON {_json_type(items)}"
-            )
-        for position in range(len(items)):
-            prompt = _text_at(record, "locality", group, position, "prompt")
-            answer = _answer_at(record, "locality", group, position, "ground_truth")
-            locality.append((prompt, answer))
     has_truth = record.get("ground_truth") is not None
     return EditRequest(
         prompt=_text_at(record, "prompt"),
@@ -293,8 +315,9 @@ def from_knowedit(record: dict[str, Any]) -> EditRequest:
         subject=_optional_text(record, "subject"),
         target_true=_answer_at(record, "ground_truth") if has_truth else None,
         rephrases=rephrases,
-        locality=locality,
+        locality=_grouped_pairs(record, "locality"),
         id=_case_id(record),
+        portability=_grouped_pairs(record, "portability"),
     )
 
 

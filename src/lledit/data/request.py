@@ -8,6 +8,17 @@ from typing import Any
 
 MAX_TARGET_CHARS = 500
 MAX_PROMPT_CHARS = 4000
+FIELDS = (
+    "id",
+    "prompt",
+    "target_new",
+    "subject",
+    "target_true",
+    "rephrases",
+    "locality",
+    "portability",
+    "generation_prompts",
+)
 
 
 class InvalidEditError(ValueError):
@@ -57,9 +68,11 @@ class EditRequest:
     """Make the model complete `prompt` with `target_new`.
 
     `rephrases` test generalization, `locality` holds (prompt, answer) pairs
-    about unrelated facts that the edit must leave alone. Lists given for
-    `rephrases` and `locality` are stored as tuples so the request stays
-    hashable and immutable.
+    about unrelated facts that the edit must leave alone, `portability` holds
+    (prompt, answer) pairs that follow from the new fact (KnowEdit's reasoning
+    and alias questions), and `generation_prompts` start free text about the
+    subject (CounterFact's fluency test). Lists are stored as tuples so the
+    request stays hashable and immutable.
     """
 
     prompt: str
@@ -69,6 +82,8 @@ class EditRequest:
     rephrases: tuple[str, ...] = field(default=())
     locality: tuple[tuple[str, str], ...] = field(default=())
     id: str | None = None
+    portability: tuple[tuple[str, str], ...] = field(default=())
+    generation_prompts: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         _check_text("prompt", self.prompt, MAX_PROMPT_CHARS)
@@ -79,8 +94,12 @@ class EditRequest:
             _check_text("target_true", self.target_true, MAX_TARGET_CHARS)
         if self.id is not None and not isinstance(self.id, str):
             raise InvalidEditError("id", f"expected a string, got {type(self.id).__name__}")
-        object.__setattr__(self, "rephrases", _as_rephrases(self.rephrases))
-        object.__setattr__(self, "locality", _as_locality(self.locality))
+        object.__setattr__(self, "rephrases", _as_prompts("rephrases", self.rephrases))
+        object.__setattr__(self, "locality", _as_pairs("locality", self.locality))
+        object.__setattr__(self, "portability", _as_pairs("portability", self.portability))
+        object.__setattr__(
+            self, "generation_prompts", _as_prompts("generation_prompts", self.generation_prompts)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +110,8 @@ class EditRequest:
             "target_true": self.target_true,
             "rephrases": list(self.rephrases),
             "locality": [list(pair) for pair in self.locality],
+            "portability": [list(pair) for pair in self.portability],
+            "generation_prompts": list(self.generation_prompts),
         }
 
     @classmethod
@@ -101,7 +122,7 @@ class EditRequest:
         for required in ("prompt", "target_new"):
             if required not in record:
                 raise InvalidEditError(required, "is missing")
-        known = {"id", "prompt", "target_new", "subject", "target_true", "rephrases", "locality"}
+        known = set(FIELDS)
         unknown = sorted(set(record) - known)
         if unknown:
             raise InvalidEditError(unknown[0], f"unknown field; expected some of {sorted(known)}")
@@ -113,26 +134,28 @@ class EditRequest:
             rephrases=record.get("rephrases", ()),
             locality=record.get("locality", ()),
             id=record.get("id"),
+            portability=record.get("portability", ()),
+            generation_prompts=record.get("generation_prompts", ()),
         )
 
 
-def _as_rephrases(value: Any) -> tuple[str, ...]:
+def _as_prompts(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise InvalidEditError("rephrases", "expected a list of strings")
+        raise InvalidEditError(name, "expected a list of strings")
     items = tuple(value)
     for position, item in enumerate(items):
-        _check_text(f"rephrases[{position}]", item, MAX_PROMPT_CHARS)
+        _check_text(f"{name}[{position}]", item, MAX_PROMPT_CHARS)
     return items
 
 
-def _as_locality(value: Any) -> tuple[tuple[str, str], ...]:
+def _as_pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise InvalidEditError("locality", "expected a list of [prompt, answer] pairs")
+        raise InvalidEditError(name, "expected a list of [prompt, answer] pairs")
     pairs = []
     for position, pair in enumerate(value):
         if isinstance(pair, str) or not isinstance(pair, Iterable) or len(pair := tuple(pair)) != 2:
-            raise InvalidEditError(f"locality[{position}]", "expected a [prompt, answer] pair")
-        prompt = _check_text(f"locality[{position}].prompt", pair[0], MAX_PROMPT_CHARS)
-        answer = _check_text(f"locality[{position}].answer", pair[1], MAX_PROMPT_CHARS)
+            raise InvalidEditError(f"{name}[{position}]", "expected a [prompt, answer] pair")
+        prompt = _check_text(f"{name}[{position}].prompt", pair[0], MAX_PROMPT_CHARS)
+        answer = _check_text(f"{name}[{position}].answer", pair[1], MAX_PROMPT_CHARS)
         pairs.append((prompt, answer))
     return tuple(pairs)
