@@ -9,10 +9,12 @@ boundary, whatever the padding side.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+
+from lledit.data.request import EditRequest
 
 if TYPE_CHECKING:
     from lledit.model import ModelHandle
@@ -32,6 +34,34 @@ class EncodedPair:
 
 def join(prompt: str, target: str) -> str:
     return prompt + target if prompt[-1:].isspace() else f"{prompt} {target}"
+
+
+def with_eos(tokenizer, request: EditRequest) -> EditRequest:
+    """The request with the tokenizer's EOS after its target, so that editing
+    teaches the model to stop after the new answer (LocFT-BF's practice)."""
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token to append to the targets")
+    return replace(request, target_new=request.target_new + tokenizer.eos_token)
+
+
+def in_chat_template(tokenizer, request: EditRequest) -> EditRequest:
+    """The request with every prompt asked as a user turn of the model's chat
+    template, ready for the assistant's answer (for instruct models)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the model's tokenizer has no chat template; leave out --chat-template")
+
+    def ask(text: str) -> str:
+        turn = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+
+    return replace(
+        request,
+        prompt=ask(request.prompt),
+        rephrases=[ask(p) for p in request.rephrases],
+        locality=[(ask(p), a) for p, a in request.locality],
+        portability=[(ask(p), a) for p, a in request.portability],
+        generation_prompts=[ask(p) for p in request.generation_prompts],
+    )
 
 
 def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[EncodedPair]:

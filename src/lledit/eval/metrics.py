@@ -3,12 +3,17 @@
 zsRE-style ("qa"): teacher-forced token accuracy of the new target on the edit
 prompt (`efficacy`) and its rephrases (`generalization`), of the gold answer on
 the locality prompts (`specificity`), the fraction of locality answer tokens
-whose argmax is unchanged from the unedited model (`locality`), and `*_exact`
-variants that count a prompt only when every target token is right.
+whose argmax is unchanged from the unedited model (`locality`), of the
+answers that follow from the new fact (`portability`, where the data has
+them), and `*_exact` variants that count a prompt only when every target
+token is right.
 
 CounterFact-style ("counterfact"): P(new) > P(true) on the edit prompt and on
 the paraphrases, P(true) > P(new) on the neighbourhood prompts, plus the same
-`locality` as above.
+`locality` and `portability` as above.
+
+These are teacher-forced: the target is fed to the model. `answers.py` scores
+what the model says when it has to answer.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ METRICS = {
         "efficacy_exact",
         "generalization_exact",
         "specificity_exact",
+        "portability",
+        "portability_exact",
     ),
-    "counterfact": ("efficacy", "generalization", "specificity", "locality"),
+    "counterfact": ("efficacy", "generalization", "specificity", "locality", "portability"),
 }
 
 LocalityReference = list[list[torch.Tensor]]
@@ -104,6 +111,7 @@ def evaluate(
         plan = {
             "new": [jobs.add(p, request.target_new) for p in prompts],
             "locality": [jobs.add(p, a) for p, a in request.locality],
+            "portability": [jobs.add(p, a) for p, a in request.portability],
         }
         if style == "counterfact":
             plan["true"] = [jobs.add(p, request.target_true) for p in prompts]
@@ -138,6 +146,9 @@ def evaluate(
                 "generalization": _mean(wins[1:]),
                 "specificity": _mean([float(logprob[t] > logprob[n]) for t, n in kept]),
             }
+        row["portability"] = _mean([float(accuracy[i]) for i in plan["portability"]])
+        if style == "qa":
+            row["portability_exact"] = _mean([float(exact[i]) for i in plan["portability"]])
         row["locality"] = None
         if reference is not None:
             unchanged = [
