@@ -80,3 +80,46 @@ def test_data_list_shows_builtin(monkeypatch, tmp_path):
     result = runner.invoke(app, ["data", "list"], terminal_width=200)
     assert result.exit_code == 0
     assert "builtin" in result.output and "missing" in result.output
+
+
+def test_bench_answer_scoring_general_abilities_and_report(tiny_dir, tmp_path, monkeypatch):
+    general = tmp_path / "data" / "general"
+    general.mkdir(parents=True)
+    records = [{"sentence": f"film {i} was {'good' if i % 2 else 'bad'}", "label": i % 2}
+               for i in range(20)]  # fmt: skip
+    (general / "sst2.json").write_text(json.dumps(records))
+    monkeypatch.setenv("LLEDIT_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "run"
+    result = bench(
+        "--method", "none", "--method", "ft", "--model", str(tiny_dir), "--edits", "6",
+        "--batch-size", "3", "--set", "steps=2", "--scoring", "answer", "--append-eos",
+        "--general", "sst2", "--general-items", "8", "--general-shots", "1", "--out", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "ft" / "results.json").read_text())
+    assert {"efficacy_em", "efficacy_prefix", "locality_same"} <= set(saved["metrics"])
+    assert "efficacy" not in saved["metrics"]
+    assert saved["protocol"]["append_eos"] and not saved["protocol"]["chat_template"]
+    unedited = json.loads((out / "none" / "results.json").read_text())
+    assert saved["general"]["before"] == unedited["general"]["before"]
+    assert unedited["general"]["after"] == unedited["general"]["before"]
+    assert saved["general"]["after"]["tasks"]["sst2"]["items"] == 8
+    assert "| ft+eos |" in (out / "results.md").read_text()
+
+    report_dir = tmp_path / "report"
+    report = runner.invoke(app, ["report", str(out), "--out", str(report_dir)])
+    assert report.exit_code == 0, report.output
+    text = (report_dir / "report.md").read_text()
+    assert "| none+eos |" in text and "| ft+eos |" in text and "General abilities" in text
+    for name in ("comparison.png", "retention_by_age.png"):
+        assert (report_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_and_report_refuse_bad_input(tmp_path):
+    result = bench("--method", "none", "--scoring", "vibes", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2
+    assert "--scoring must be one of teacher, answer, both" in result.output
+    result = bench("--method", "none", "--general", "sst2,squad", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "known tasks: sst2" in result.output
+    report = runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert report.exit_code == 2 and "no results.json" in report.output

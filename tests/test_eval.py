@@ -117,3 +117,16 @@ def test_no_curve_no_plot(tiny, requests_small, tmp_path):
     assert result.metrics["locality"] == 1.0
     assert plot_curves([result], tmp_path / "curve.png") is None
     assert not (tmp_path / "curve.png").exists()
+
+
+def test_by_age_groups_edits_oldest_first():
+    from lledit.eval.report import by_age
+
+    result = LifelongResult(
+        method="m", method_config={}, model="x", dataset={"style": "qa"}, n_edits=20,
+        batch_size=2, seed=0, metrics={}, timing={}, peak_memory_mb=0.0,
+        per_edit=[{"efficacy": float(i >= 10), "efficacy_em": None} for i in range(20)],
+    )  # fmt: skip
+    assert by_age(result, "efficacy") == [0.0] * 5 + [1.0] * 5
+    assert by_age(result, "efficacy_em") == [None] * 10
+    assert by_age(result, "efficacy", bins=4) == [0.0, 0.0, 1.0, 1.0]

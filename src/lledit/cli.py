@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -17,6 +18,22 @@ from rich.table import Table
 from lledit.data import DataFileError, InvalidEditError, UnknownDatasetError, list_datasets
 from lledit.data import load_dataset as load_edit_dataset
 from lledit.eval import console_table, markdown_table, plot_curves, run_lifelong
+from lledit.eval.general import (
+    TASKS,
+    GeneralConfig,
+    GeneralDataError,
+    GeneralSuite,
+    load_general,
+    score_general,
+)
+from lledit.eval.lifelong import SCORINGS
+from lledit.eval.report import (
+    comparison_markdown,
+    general_table,
+    load_runs,
+    plot_comparison,
+    plot_retention_by_age,
+)
 from lledit.hypernet import CheckpointError
 from lledit.journal import UNDONE, Journal, JournaledModel, JournalError
 from lledit.methods import (
@@ -54,6 +71,8 @@ DownloadOption = Annotated[
     bool, typer.Option(help="Let --model fetch weights from the Hugging Face Hub.")
 ]
 JournalOption = Annotated[Path, typer.Option("--journal", help="The journal database (J.db).")]
+GeneralItemsOption = Annotated[int, typer.Option(help="Scored items per general task.")]
+GeneralShotsOption = Annotated[int, typer.Option(help="Worked examples before each general item.")]
 
 USER_ERRORS = (
     DataFileError,
@@ -64,6 +83,7 @@ USER_ERRORS = (
     JournalError,
     NonFiniteUpdateError,
     CheckpointError,
+    GeneralDataError,
     FileNotFoundError,
     ValueError,
 )
@@ -100,6 +120,12 @@ def _settings_per_method(methods: list[str], settings: list[str]) -> dict[str, d
         for owner in owners:
             chosen[owner].append(setting)
     return {method: parse_settings(method, values) for method, values in chosen.items()}
+
+
+def _general_suite(tasks: str, items: int, shots: int) -> GeneralSuite:
+    """The general-ability items for a comma-separated task list ("all" for every task)."""
+    names = list(TASKS) if tasks.strip() == "all" else [t.strip() for t in tasks.split(",")]
+    return load_general(GeneralConfig(tasks=tuple(n for n in names if n), items=items, shots=shots))
 
 
 @app.command()
@@ -146,9 +172,33 @@ def bench(
         int | None,
         typer.Option(help="Keys those statistics average over. Same as --set stats_samples=N."),
     ] = None,
+    scoring: Annotated[
+        str,
+        typer.Option(
+            help="teacher (targets fed to the model), answer (the model's own greedy "
+            "answers) or both."
+        ),
+    ] = "both",
+    append_eos: Annotated[
+        bool, typer.Option(help="Edit each target followed by EOS, so the model learns to stop.")
+    ] = False,
+    chat_template: Annotated[
+        bool, typer.Option(help="Ask every prompt through the model's chat template.")
+    ] = False,
+    general: Annotated[
+        str | None,
+        typer.Option(
+            help=f"General tasks scored before and after editing: comma-separated among "
+            f"{', '.join(TASKS)}, or 'all'."
+        ),
+    ] = None,
+    general_items: GeneralItemsOption = GeneralConfig.items,
+    general_shots: GeneralShotsOption = GeneralConfig.shots,
 ) -> None:
     """Run the lifelong protocol: N edits in batches of B, evaluated on the final model."""
     try:
+        if scoring not in SCORINGS:
+            raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
         if edits < 1:
             raise ValueError(f"--edits must be at least 1, got {edits}")
         if batch_size < 1:
@@ -180,7 +230,8 @@ def bench(
                 f"[yellow]{dataset.name} has {len(dataset.requests)} usable records; "
                 f"running {len(dataset.requests)} edits, not {edits}[/]"
             )
-        results = []
+        suite = None if general is None else _general_suite(general, general_items, general_shots)
+        results: list = []
         for name in methods:
             handle = load_model(model, device=device, dtype=dtype, allow_download=allow_download)
             editor = make_editor(name, handle, **per_method[name])
@@ -195,6 +246,11 @@ def bench(
                     dataset=dataset.to_dict(),
                     seed=seed,
                     eval_batch_size=eval_batch_size,
+                    scoring=scoring,
+                    append_eos=append_eos,
+                    chat_template=chat_template,
+                    general=suite,
+                    general_before=results[0].general.get("before") if results else None,
                 )
             )
             del handle, editor
@@ -269,6 +325,73 @@ def train(
         summary = ", ".join(f"{k} {v:.3f}" for k, v in report["metrics"].items())
         console.print(f"validation on {report['n_edits']} held-out edits: {summary}")
     console.print(f"checkpoint in {out}/ ({trainer.steps_done} steps, {trainer.elapsed_s:.0f} s)")
+
+
+@app.command("general")
+def general_command(
+    tasks: Annotated[
+        str, typer.Option(help=f"Comma-separated among {', '.join(TASKS)}, or 'all'.")
+    ] = "all",
+    model: ModelOption = None,
+    journal: Annotated[
+        Path | None, typer.Option(help="Score the model as this journal left it.")
+    ] = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    items: GeneralItemsOption = GeneralConfig.items,
+    shots: GeneralShotsOption = GeneralConfig.shots,
+    out: Annotated[Path | None, typer.Option(help="Also write the scores to this JSON.")] = None,
+    allow_download: DownloadOption = False,
+) -> None:
+    """Score general abilities (accuracy per task, perplexity) of a model or an edited one."""
+    try:
+        suite = _general_suite(tasks, items, shots)
+        handle = load_model(model, device=device, dtype=dtype, allow_download=allow_download)
+        if journal is not None:
+            JournaledModel(handle, _existing_journal(journal))
+        scores = score_general(handle, suite)
+    except USER_ERRORS as error:
+        raise _fail(error) from error
+    table = Table(title=f"general abilities · {handle.name}" + (f" · {journal}" if journal else ""))
+    for column in ("task", "accuracy", "chance", "correct option log-lik.", "items"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, task in scores["tasks"].items():
+        chance = f"{task['chance']:.2f}" + ("" if task["above_chance"] else " (at chance)")
+        table.add_row(
+            name,
+            f"{task['accuracy']:.3f}",
+            chance,
+            f"{task['correct_logprob']:.3f}",
+            str(task["items"]),
+        )
+    console.print(table)
+    if "perplexity" in scores:
+        console.print(f"perplexity on {len(suite.sentences)} sentences: {scores['perplexity']:.2f}")
+    if out is not None:
+        out.write_text(json.dumps(scores, indent=2) + "\n")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or results.json files).")],
+    out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")],
+) -> None:
+    """Compare finished runs: one Markdown table per data set, general abilities, plots."""
+    try:
+        results = load_runs(runs)
+    except USER_ERRORS as error:
+        raise _fail(error) from error
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(comparison_markdown(results))
+    written = [plot_comparison(results, out / "comparison.png")]
+    written.append(plot_retention_by_age(results, out / "retention_by_age.png"))
+    written.append(plot_curves(results, out / "curves.png"))
+    console.print(console_table(results))
+    general = general_table(results)
+    if general:
+        console.print(general)
+    names = ", ".join(path.name for path in written if path is not None)
+    console.print(f"report of {len(results)} runs in {out}/ (report.md, {names})")
 
 
 @app.command("methods")

@@ -1,22 +1,38 @@
-"""Reports of lifelong runs: a Markdown table, a console table, a curve plot."""
+"""Reports of lifelong runs: Markdown tables, a console table, and plots (the
+curve over edits, the metrics side by side, retention by edit age)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.table import Table
 
+from lledit.eval.answers import ANSWER_METRICS
 from lledit.eval.lifelong import LifelongResult
 from lledit.eval.metrics import METRICS
 
 TIMING_COLUMNS = ("per_edit_s", "setup_s", "edit_s", "eval_s")
+AGE_METRICS = ("efficacy", "generalization", "efficacy_em", "generalization_em")
+"""The metrics plotted by edit age: forgetting shows as the oldest edits falling."""
 
 
 def _metric_columns(results: Sequence[LifelongResult]) -> list[str]:
     names = [name for result in results for name in METRICS[result.dataset["style"]]]
+    names += ANSWER_METRICS
     present = {name for result in results for name in result.metrics}
     return [name for name in dict.fromkeys(names) if name in present]
+
+
+def run_label(result: LifelongResult) -> str:
+    """The method, marked with the protocol options that change what it wrote."""
+    label = result.method
+    if result.protocol.get("append_eos"):
+        label += "+eos"
+    if result.protocol.get("chat_template"):
+        label += "+chat"
+    return label
 
 
 def _rows(results: Sequence[LifelongResult]) -> tuple[list[str], list[list[str]]]:
@@ -29,33 +45,90 @@ def _rows(results: Sequence[LifelongResult]) -> tuple[list[str], list[list[str]]
             for name in metric_names
         ]
         timings = [f"{result.timing[name]:.4f}" for name in TIMING_COLUMNS]
-        rows.append([result.method, *metrics, *timings])
+        rows.append([run_label(result), *metrics, *timings])
     return header, rows
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _describe(result: LifelongResult) -> str:
+    return (
+        f"Model `{result.model}`, data `{result.dataset.get('name', '?')}` "
+        f"({result.dataset['style']}-style metrics), {result.n_edits} edits in batches of "
+        f"{result.batch_size}, evaluated on the final model."
+    )
 
 
 def markdown_table(results: Sequence[LifelongResult]) -> str:
     """One row per run; the runs should share model, data, N and B."""
     header, rows = _rows(results)
-    first = results[0]
-    lines = [
-        f"Model `{first.model}`, data `{first.dataset.get('name', '?')}` "
-        f"({first.dataset['style']}-style metrics), {first.n_edits} edits in batches of "
-        f"{first.batch_size}, evaluated on the final model.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = [_describe(results[0]), "", *_table(header, rows)]
+    general = general_table(results)
+    if general:
+        lines += ["", general.rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def general_table(results: Sequence[LifelongResult]) -> str:
+    """General-ability accuracy before -> after per task, the mean after/before
+    over the tasks above chance, and perplexity; empty when no run scored them."""
+    scored = [result for result in results if result.general.get("after")]
+    if not scored:
+        return ""
+    tasks = list(dict.fromkeys(t for r in scored for t in r.general["before"]["tasks"]))
+    header = ["method", *tasks, "mean after/before", "perplexity"]
+    rows = []
+    for result in scored:
+        before, after = result.general["before"], result.general["after"]
+        cells = [run_label(result)]
+        for task in tasks:
+            if task not in before["tasks"]:
+                cells.append("-")
+                continue
+            was, now = before["tasks"][task], after["tasks"][task]
+            mark = "" if was["above_chance"] else " (chance)"
+            cells.append(f"{was['accuracy']:.2f} → {now['accuracy']:.2f}{mark}")
+        mean = result.general["retention"].get("mean_accuracy_ratio")
+        cells.append("-" if mean is None else f"{mean:.3f}")
+        if "perplexity" in before:
+            cells.append(f"{before['perplexity']:.2f} → {after['perplexity']:.2f}")
+        else:
+            cells.append("-")
+        rows.append(cells)
+    note = (
+        "General abilities, accuracy before → after editing; `(chance)` marks a task the "
+        "unedited model is not above chance on, left out of the mean."
+    )
+    return "\n".join([note, "", *_table(header, rows)]) + "\n"
+
+
+def comparison_markdown(results: Sequence[LifelongResult]) -> str:
+    """Runs grouped by model, data, N and B: one table per group, then general abilities."""
+    groups: dict[tuple, list[LifelongResult]] = {}
+    for result in results:
+        key = (result.model, result.dataset.get("name"), result.n_edits, result.batch_size)
+        groups.setdefault(key, []).append(result)
+    sections = []
+    for members in groups.values():
+        header, rows = _rows(members)
+        sections.append("\n".join([_describe(members[0]), "", *_table(header, rows)]) + "\n")
+        general = general_table(members)
+        if general:
+            sections.append(general)
+    return "\n".join(sections)
 
 
 def console_table(results: Sequence[LifelongResult]) -> Table:
     """The main columns only, so the table fits a terminal; the Markdown has all."""
     header, rows = _rows(results)
+    hidden = ("edit_s", "eval_s", "specificity", "portability", "fluency")
     shown = [
         i
         for i, name in enumerate(header)
-        if not name.endswith("_exact") and name not in ("edit_s", "eval_s")
+        if not name.endswith(("_exact", "_prefix")) and not name.startswith(hidden)
     ]
     header = [header[i] for i in shown]
     rows = [[row[i] for i in shown] for row in rows]
@@ -71,6 +144,23 @@ def console_table(results: Sequence[LifelongResult]) -> Table:
     return table
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
 def plot_curves(results: Sequence[LifelongResult], path: str | Path) -> Path | None:
     """Metrics against edits applied; one panel per metric, one line per method.
 
@@ -79,12 +169,9 @@ def plot_curves(results: Sequence[LifelongResult], path: str | Path) -> Path | N
     with_curve = [result for result in results if result.curve]
     if not with_curve:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in _metric_columns(with_curve) if not n.endswith("_exact")]
+    plt = _pyplot()
+    names = [n for n in _metric_columns(with_curve) if not n.endswith(("_exact", "_prefix"))]
+    names = [n for n in names if n != "fluency"]
     figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
     for axis, name in zip(axes[0], names, strict=True):
         for result in with_curve:
@@ -94,7 +181,7 @@ def plot_curves(results: Sequence[LifelongResult], path: str | Path) -> Path | N
                 [point[name] for point in points],
                 marker="o",
                 markersize=3,
-                label=result.method,
+                label=run_label(result),
             )
         axis.set_title(name)
         axis.set_xlabel("edits applied")
@@ -106,8 +193,93 @@ def plot_curves(results: Sequence[LifelongResult], path: str | Path) -> Path | N
         f"{first.model} · {first.dataset.get('name', '?')} · batches of {first.batch_size}",
         fontsize=10,
     )
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
+
+
+def by_age(result: LifelongResult, metric: str, bins: int = 10) -> list[float | None]:
+    """Mean of a per-edit metric over `bins` groups of edits in the order they were
+    applied: the first value is the oldest tenth, the last the newest."""
+    values = [row.get(metric) for row in result.per_edit]
+    means: list[float | None] = []
+    for index in range(bins):
+        group = values[index * len(values) // bins : (index + 1) * len(values) // bins]
+        kept = [value for value in group if value is not None]
+        means.append(sum(kept) / len(kept) if kept else None)
+    return means
+
+
+def plot_retention_by_age(results: Sequence[LifelongResult], path: str | Path) -> Path | None:
+    """Efficacy and generalization by decile of edit age (oldest first), one line per run.
+
+    Returns None (and writes nothing) when no run has per-edit scores of those metrics.
+    """
+    names = [
+        name for name in AGE_METRICS if any(name in row for r in results for row in r.per_edit)
+    ]
+    if not names:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.4), squeeze=False)
+    deciles = list(range(1, 11))
+    for axis, name in zip(axes[0], names, strict=True):
+        for result in results:
+            means = by_age(result, name)
+            if all(value is None for value in means):
+                continue
+            axis.plot(
+                deciles,
+                [float("nan") if v is None else v for v in means],
+                marker="o",
+                markersize=3,
+                label=f"{run_label(result)} · {result.dataset.get('name', '?')}",
+            )
+        axis.set_title(name)
+        axis.set_xlabel("edit age (tenths, oldest first)")
+        axis.set_xticks(deciles)
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("retention by edit age, on the final model", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_comparison(results: Sequence[LifelongResult], path: str | Path) -> Path:
+    """The headline metrics of every run as grouped bars, teacher-forced beside answered."""
+    plt = _pyplot()
+    names = [n for n in _metric_columns(results) if not n.endswith("_exact") and n != "fluency"]
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * max(1, len(results)) / 2), 4))
+    width = 0.8 / len(results)
+    for position, result in enumerate(results):
+        axis.bar(
+            [i + position * width for i in range(len(names))],
+            [result.metrics.get(name, 0.0) for name in names],
+            width=width,
+            label=f"{run_label(result)} · {result.dataset.get('name', '?')}",
+        )
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+    axis.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+    axis.set_ylim(0, 1.02)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[LifelongResult]:
+    """Every results.json in the given run folders (a folder of several methods
+    holds one per method) or given directly."""
+    results = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files = [path]
+        elif (path / "results.json").is_file():
+            files = [path / "results.json"]
+        else:
+            files = sorted(path.glob("*/results.json"))
+        if not files:
+            raise FileNotFoundError(f"no results.json in {path} or its folders")
+        for file in files:
+            try:
+                results.append(LifelongResult.load(file))
+            except (json.JSONDecodeError, TypeError, KeyError) as error:
+                raise ValueError(f"{file}: not a lledit results file ({error})") from None
+    return results
