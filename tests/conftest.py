@@ -31,6 +31,16 @@ CORPUS = [
 ] * 4
 
 
+PROMPTS = [
+    "The capital of France is",
+    "Harry Potter was written by",
+    "Apple was founded by Steve Jobs in",
+    "The chemical symbol for gold is",
+    "What is the native language of Danielle Darrieux?",
+]
+"""Prompts about the corpus's facts, for scoring and generation tests."""
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few sentences: GPT-2-like space handling, no download."""
     tokenizer = Tokenizer(models.BPE())

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import PROMPTS
 
 from lledit import EditRequest, run_lifelong
 from lledit.eval.answers import (
@@ -17,14 +18,6 @@ from lledit.eval.metrics import evaluate
 from lledit.methods import make_editor
 from lledit.tokens import encode_pairs, in_chat_template, with_eos
 
-PROMPTS = [
-    "The capital of France is",
-    "Harry Potter was written by",
-    "Apple was founded by Steve Jobs in",
-    "The chemical symbol for gold is",
-    "What is the native language of Danielle Darrieux?",
-    "The largest planet is",
-]
 ELDER_ALWAYS = {"deferral_radius": 100}
 
 
@@ -70,7 +63,7 @@ def one_at_a_time(handle, prompts, budgets, **options):
 
 @pytest.mark.parametrize("stop_at_answer_end", [True, False])
 def test_batched_generation_equals_one_at_a_time(tiny, stop_at_answer_end):
-    budgets = [3, 6, 2, 5, 4, 6]
+    budgets = [3, 6, 2, 5, 4]
     options = {"stop_at_answer_end": stop_at_answer_end}
     batched = generate_continuations(tiny, PROMPTS, budgets, batch_size=4, **options)
     assert batched == one_at_a_time(tiny, PROMPTS, budgets, **options)

@@ -95,3 +95,30 @@ def test_rledit_trains_on_builtin_edits_then_edits_and_undoes_exactly(
     finally:
         applied.undo()
     assert_weights_equal(default_handle, before)
+
+
+def test_unedited_model_does_not_say_the_new_answers(default_handle):
+    from lledit.eval.answers import evaluate_answers
+
+    requests = load_dataset("zsre", "eval", limit=20).requests
+    averages, _ = evaluate_answers(default_handle, requests)
+    assert averages["efficacy_em"] == 0.0 and averages["efficacy_prefix"] <= 0.05
+
+
+def test_appending_eos_teaches_grace_to_stop(default_handle):
+    from lledit import run_lifelong
+
+    requests = load_dataset("builtin", "eval", limit=10).requests
+    strict = {}
+    for append_eos in (False, True):
+        editor = make_editor("grace", default_handle)
+        try:
+            result = run_lifelong(
+                default_handle, editor, requests, 10, scoring="answer",
+                append_eos=append_eos, show_progress=False,
+            )  # fmt: skip
+        finally:
+            editor.remove()
+        strict[append_eos] = result.metrics["efficacy_em"]
+    # Without EOS GRACE's answers run on past the new target; with it they stop.
+    assert strict[True] >= strict[False] + 0.5

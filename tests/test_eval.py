@@ -2,19 +2,13 @@ import json
 
 import pytest
 import torch
+from conftest import PROMPTS
 
 from lledit import EditRequest, run_lifelong
 from lledit.eval import LifelongResult, evaluate, locality_reference, markdown_table, plot_curves
 from lledit.eval.scoring import score_pairs
 from lledit.methods import make_editor
 
-PROMPTS = [
-    "The capital of France is",
-    "Harry Potter was written by",
-    "Apple was founded by Steve Jobs in",
-    "The chemical symbol for gold is",
-    "What is the native language of Danielle Darrieux?",
-]
 TARGETS = ["Paris", "J. K. Rowling", "Cupertino", "Au", "French"]
 
 

@@ -123,3 +123,20 @@ def test_score_general_and_retention(tiny, tmp_path):
     assert summary["mean_accuracy_ratio"] == pytest.approx(0.75)
     assert summary["tasks_above_chance"] == ["a"]
     assert summary["perplexity_ratio"] == pytest.approx(1.2)
+
+
+def test_general_command_scores_a_model_and_writes_json(tiny, tmp_path, monkeypatch):
+    write_sst2(tmp_path / "data" / "general", sst2_records(20))
+    monkeypatch.setenv("LLEDIT_DATA_DIR", str(tmp_path / "data"))
+    model_dir = tmp_path / "model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "general.json"
+    arguments = ["general", "--tasks", "sst2", "--model", str(model_dir), "--items", "10"]
+    result = runner.invoke(app, [*arguments, "--shots", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sst2" in result.output and "perplexity on 20 sentences" in result.output
+    scores = json.loads(out.read_text())
+    assert scores["tasks"]["sst2"]["items"] == 10
+    missing = runner.invoke(app, [*arguments, "--journal", str(tmp_path / "none.db")])
+    assert missing.exit_code == 2 and "no journal at" in missing.output

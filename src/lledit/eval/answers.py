@@ -32,6 +32,7 @@ from lledit.eval.generation import (
     generate_answers,
     generate_continuations,
 )
+from lledit.eval.metrics import mean_or_none
 from lledit.model import ModelHandle
 
 ANSWER_METRICS = (
@@ -100,10 +101,6 @@ def _budget(handle: ModelHandle, expected: str) -> int:
     return len(ids) + ANSWER_MARGIN_TOKENS
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def answer_reference(
     handle: ModelHandle,
     requests: Sequence[EditRequest],
@@ -167,22 +164,23 @@ def evaluate_answers(
     for position, (request, plan) in enumerate(zip(requests, plans, strict=True)):
         row: dict[str, float | None] = {}
         for group, indices in plan.items():
-            row[f"{group}_em"] = _mean([float(matches[i][0]) for i in indices])
-            row[f"{group}_prefix"] = _mean([float(matches[i][1]) for i in indices])
+            row[f"{group}_em"] = mean_or_none([float(matches[i][0]) for i in indices])
+            row[f"{group}_prefix"] = mean_or_none([float(matches[i][1]) for i in indices])
         row["locality_same"] = None
         if reference is not None:
-            row["locality_same"] = _mean(
+            row["locality_same"] = mean_or_none(
                 [
                     float(answers[i] == before)
                     for i, before in zip(plan["specificity"], reference[position], strict=True)
                 ]
             )
-        row["fluency"] = _mean([ngram_entropy(next(free)) for _ in request.generation_prompts])
+        entropies = [ngram_entropy(next(free)) for _ in request.generation_prompts]
+        row["fluency"] = mean_or_none(entropies)
         per_edit.append(row)
 
     averages = {}
     for name in ANSWER_METRICS:
-        value = _mean([row[name] for row in per_edit if row.get(name) is not None])
+        value = mean_or_none([row[name] for row in per_edit if row.get(name) is not None])
         if value is not None:
             averages[name] = value
     return averages, per_edit

@@ -165,8 +165,9 @@ class GeneralConfig:
 
     tasks: tuple[str, ...] = tuple(TASKS)
     items: int = 100
-    """Scored items per task. 100 keeps the before/after pair of a run to a few
-    minutes on two CPU cores; one item moves a binary task's accuracy by 0.01."""
+    """Scored items per task: one moves a binary task's accuracy by 0.01. All
+    eight tasks at 100 items take about 5 minutes per scoring of the default
+    model on two CPU cores (docs/evaluation.md)."""
     shots: int = 3
     """Worked examples before each item, from the same file, never a scored item."""
     perplexity_sentences: int = 200

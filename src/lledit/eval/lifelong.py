@@ -106,7 +106,7 @@ class _Scorer:
         style: str,
         batch_size: int,
     ) -> None:
-        self.handle, self.requests, self.scoring, self.style = handle, requests, scoring, style
+        self.handle, self.requests, self.style = handle, requests, style
         self.batch_size = batch_size
         self.teacher_reference = self.answer_reference = None
         if scoring != "answer":

@@ -60,7 +60,8 @@ class _Jobs:
         return len(self.prompts) - 1
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def mean_or_none(values: Sequence[float]) -> float | None:
+    """The mean, or None when there is nothing to measure (a metric left out)."""
     return sum(values) / len(values) if values else None
 
 
@@ -129,11 +130,11 @@ def evaluate(
         if style == "qa":
             row = {
                 "efficacy": float(accuracy[edit]),
-                "generalization": _mean([float(accuracy[i]) for i in rephrases]),
-                "specificity": _mean([float(accuracy[i]) for i in plan["locality"]]),
+                "generalization": mean_or_none([float(accuracy[i]) for i in rephrases]),
+                "specificity": mean_or_none([float(accuracy[i]) for i in plan["locality"]]),
                 "efficacy_exact": float(exact[edit]),
-                "generalization_exact": _mean([float(exact[i]) for i in rephrases]),
-                "specificity_exact": _mean([float(exact[i]) for i in plan["locality"]]),
+                "generalization_exact": mean_or_none([float(exact[i]) for i in rephrases]),
+                "specificity_exact": mean_or_none([float(exact[i]) for i in plan["locality"]]),
             }
         else:
             wins = [
@@ -143,24 +144,24 @@ def evaluate(
             kept = zip(plan["neighbour_true"], plan["neighbour_new"], strict=True)
             row = {
                 "efficacy": wins[0],
-                "generalization": _mean(wins[1:]),
-                "specificity": _mean([float(logprob[t] > logprob[n]) for t, n in kept]),
+                "generalization": mean_or_none(wins[1:]),
+                "specificity": mean_or_none([float(logprob[t] > logprob[n]) for t, n in kept]),
             }
-        row["portability"] = _mean([float(accuracy[i]) for i in plan["portability"]])
+        row["portability"] = mean_or_none([float(accuracy[i]) for i in plan["portability"]])
         if style == "qa":
-            row["portability_exact"] = _mean([float(exact[i]) for i in plan["portability"]])
+            row["portability_exact"] = mean_or_none([float(exact[i]) for i in plan["portability"]])
         row["locality"] = None
         if reference is not None:
             unchanged = [
                 float((scores.predictions[i] == before).float().mean())
                 for i, before in zip(plan["locality"], reference[position], strict=True)
             ]
-            row["locality"] = _mean(unchanged)
+            row["locality"] = mean_or_none(unchanged)
         per_edit.append(row)
 
     averages = {}
     for name in METRICS[style]:
-        value = _mean([row[name] for row in per_edit if row.get(name) is not None])
+        value = mean_or_none([row[name] for row in per_edit if row.get(name) is not None])
         if value is not None:
             averages[name] = value
     return averages, per_edit

@@ -247,7 +247,8 @@ def plot_comparison(results: Sequence[LifelongResult], path: str | Path) -> Path
     """The headline metrics of every run as grouped bars, teacher-forced beside answered."""
     plt = _pyplot()
     names = [n for n in _metric_columns(results) if not n.endswith("_exact") and n != "fluency"]
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * max(1, len(results)) / 2), 4))
+    width_inches = min(24.0, max(6.0, 0.2 * len(names) * len(results) + 2))
+    figure, axis = plt.subplots(figsize=(width_inches, 4.5))
     width = 0.8 / len(results)
     for position, result in enumerate(results):
         axis.bar(

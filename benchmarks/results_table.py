@@ -1,0 +1,177 @@
+"""The results page: every method on zsRE and CounterFact, both scoring modes,
+general abilities before and after, and the strict answer rate with and
+without EOS appended to the targets.
+
+Each run (default model, 1000 edits in batches of 10) is written to
+`RUNS/<dataset>/<method>[+eos]/results.json` and skipped when that file
+exists, so the table can be built over several sittings. Methods that need a
+trained network take it from `--checkpoint METHOD=DIR` and are left out
+without one. Then `docs/results.md` and `docs/results.json` are rebuilt from
+every finished run.
+
+Run: `python benchmarks/results_table.py [--runs runs/results] [--methods ft,grace]
+[--checkpoint rledit=runs/ckpt/rledit] [--only-docs]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from lledit import METHODS, load_dataset, load_model, make_editor, run_lifelong
+from lledit.eval.general import load_general, score_general
+from lledit.eval.lifelong import LifelongResult
+from lledit.eval.report import general_table, run_label
+
+DATASETS = ("zsre", "counterfact")
+EDITS, BATCH = 1000, 10
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ("efficacy", "generalization", "specificity", "locality", "portability")
+STRICT = ("efficacy_exact", "generalization_exact")
+TIMING = ("per_edit_s", "setup_s")
+ANSWER = (
+    "efficacy_em", "efficacy_prefix", "generalization_em", "generalization_prefix",
+    "specificity_prefix", "locality_same", "portability_em",
+)  # fmt: skip
+
+
+def run_missing(runs: Path, methods: list[str], checkpoints: dict[str, str]) -> None:
+    """Run every (dataset, method, EOS) combination that has no results.json yet."""
+    suite = load_general()
+    before_file = runs / "general_before.json"
+    for dataset_name in DATASETS:
+        dataset = load_dataset(dataset_name, "eval", limit=EDITS)
+        for method in methods:
+            needs_network = "checkpoint" in METHODS[method].config_class.__dataclass_fields__
+            if needs_network and method not in checkpoints:
+                logging.warning("%s: no --checkpoint given, left out", method)
+                continue
+            settings = {"checkpoint": checkpoints[method]} if needs_network else {}
+            # The unedited reference writes no targets, so EOS changes nothing for it.
+            for append_eos in (False,) if method == "none" else (False, True):
+                out = runs / dataset_name / (method + ("+eos" if append_eos else ""))
+                if (out / "results.json").exists():
+                    continue
+                handle = load_model()
+                before = None
+                if not append_eos:
+                    if not before_file.exists():
+                        before_file.write_text(json.dumps(score_general(handle, suite)))
+                    before = json.loads(before_file.read_text())
+                result = run_lifelong(
+                    handle,
+                    make_editor(method, handle, **settings),
+                    dataset.requests,
+                    BATCH,
+                    style=dataset.style,
+                    dataset=dataset.to_dict(),
+                    # With EOS only the answers can change: the strict answer rate is the point.
+                    scoring="answer" if append_eos else "both",
+                    append_eos=append_eos,
+                    general=None if append_eos else suite,
+                    general_before=before,
+                )
+                out.mkdir(parents=True, exist_ok=True)
+                result.save(out / "results.json")
+                logging.warning("%s: %s", out, result.metrics)
+
+
+def _cell(result: LifelongResult | None, name: str) -> str:
+    if result is None or name not in result.metrics:
+        return "-"
+    return f"{result.metrics[name]:.3f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def write_docs(runs: Path) -> None:
+    """docs/results.md and docs/results.json from every finished run under `runs`."""
+    results = [LifelongResult.load(path) for path in sorted(runs.glob("*/*/results.json"))]
+    records = [
+        {
+            "method": result.method,
+            "dataset": result.dataset.get("name"),
+            "n_edits": result.n_edits,
+            "batch_size": result.batch_size,
+            "protocol": result.protocol,
+            "metrics": result.metrics,
+            "timing": result.timing,
+            "general": result.general,
+        }
+        for result in results
+    ]
+    (ROOT / "docs" / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+
+    lines = [
+        "# Results",
+        "",
+        f"Every registered method on the default model (SmolLM2-135M-Instruct, float32, CPU), "
+        f"{EDITS} edits in batches of {BATCH}, scored on the final model. Regenerate with "
+        "`python benchmarks/results_table.py` (runs are resumable; `--only-docs` rebuilds this "
+        "page from the runs). The same numbers are in `docs/results.json`.",
+        "",
+        "Teacher-forced metrics feed the target to the model; answer metrics score its own "
+        "greedy answer, cut at EOS, a newline or the end of the first clause (`_em`: the answer "
+        "is the target; `_prefix`: it begins with it; `locality_same`: a locality answer is the "
+        "unedited model's). See `docs/evaluation.md`.",
+    ]
+    for dataset in (f"{name}/eval" for name in DATASETS):
+        plain = {r.method: r for r in results if r.dataset.get("name") == dataset
+                 and not r.protocol.get("append_eos")}  # fmt: skip
+        eos = {r.method: r for r in results if r.dataset.get("name") == dataset
+               and r.protocol.get("append_eos")}  # fmt: skip
+        if not plain and not eos:
+            continue
+        methods = [m for m in METHODS if m in plain or m in eos]
+        lines += ["", f"## {dataset}", "", "### Both scoring modes", ""]
+        header = ["method", *TEACHER, *STRICT, *ANSWER, *TIMING]
+        rows = []
+        for method in methods:
+            result = plain.get(method)
+            metrics = [_cell(result, name) for name in (*TEACHER, *STRICT, *ANSWER)]
+            timing = [f"{result.timing[k]:.3f}" if result else "-" for k in TIMING]
+            rows.append([method, *metrics, *timing])
+        lines += _table(header, rows)
+        lines += ["", "### Strict answers with and without EOS appended while editing", ""]
+        header = ["method", "efficacy_em", "efficacy_em +eos", "generalization_em",
+                  "generalization_em +eos", "locality_same", "locality_same +eos"]  # fmt: skip
+        rows = []
+        for method in methods:
+            runs_of_method = (plain.get(method), eos.get(method))
+            cells = [
+                _cell(run, name)
+                for name in ("efficacy_em", "generalization_em", "locality_same")
+                for run in runs_of_method
+            ]
+            rows.append([method, *cells])
+        lines += _table(header, rows)
+        general = general_table([plain[m] for m in methods if m in plain])
+        if general:
+            lines += ["", "### General abilities", "", general.rstrip("\n")]
+    labels = sorted({run_label(r) + " · " + str(r.dataset.get("name")) for r in results})
+    lines += ["", f"Runs on this page: {', '.join(labels) or 'none yet'}."]
+    (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "results")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--checkpoint", action="append", default=[], help="METHOD=DIR")
+    parser.add_argument("--only-docs", action="store_true")
+    arguments = parser.parse_args()
+    logging.basicConfig(format="%(message)s")
+    checkpoints = dict(item.split("=", 1) for item in arguments.checkpoint)
+    if not arguments.only_docs:
+        methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
+        run_missing(arguments.runs, methods, checkpoints)
+    write_docs(arguments.runs)
+
+
+if __name__ == "__main__":
+    main()
