@@ -25,7 +25,7 @@ runner = CliRunner()
 
 
 def write_sst2(folder, records):
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "sst2.json").write_text(json.dumps(records))
     return folder
 
@@ -140,3 +140,11 @@ def test_general_command_scores_a_model_and_writes_json(tiny, tmp_path, monkeypa
     assert scores["tasks"]["sst2"]["items"] == 10
     missing = runner.invoke(app, [*arguments, "--journal", str(tmp_path / "none.db")])
     assert missing.exit_code == 2 and "no journal at" in missing.output
+
+
+def test_a_tasks_items_do_not_depend_on_the_other_tasks(tmp_path):
+    folder = write_sst2(tmp_path / "general", sst2_records(30))
+    (folder / "cola.json").write_text(json.dumps(sst2_records(30)))
+    alone = load_general(GeneralConfig(tasks=("sst2",), items=5, shots=2), folder)
+    both = load_general(GeneralConfig(tasks=("cola", "sst2"), items=5, shots=2), folder)
+    assert alone.prompts["sst2"] == both.prompts["sst2"]

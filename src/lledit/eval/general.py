@@ -232,9 +232,10 @@ def load_general(
     config = config or GeneralConfig()
     directory = directory or data_dir() / "general"
     suite = GeneralSuite(config)
-    rng = random.Random(config.seed)
     all_sentences: list[str] = []
     for name in config.tasks:
+        # Seeded per task, so a task's items do not depend on which others are chosen.
+        rng = random.Random(f"{config.seed}:{name}")
         items, sentences = _read_task(name, directory)
         if len(items) < config.items + config.shots:
             raise GeneralDataError(
@@ -250,7 +251,7 @@ def load_general(
         ]
         all_sentences += sentences
     count = min(config.perplexity_sentences, len(all_sentences))
-    suite.sentences = rng.sample(all_sentences, count)
+    suite.sentences = random.Random(config.seed).sample(all_sentences, count)
     return suite
 
 
