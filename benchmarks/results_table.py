@@ -40,6 +40,7 @@ ANSWER = (
 def run_missing(runs: Path, methods: list[str], checkpoints: dict[str, str]) -> None:
     """Run every (dataset, method, EOS) combination that has no results.json yet."""
     suite = load_general()
+    runs.mkdir(parents=True, exist_ok=True)
     before_file = runs / "general_before.json"
     for dataset_name in DATASETS:
         dataset = load_dataset(dataset_name, "eval", limit=EDITS)
@@ -155,6 +156,9 @@ def write_docs(runs: Path) -> None:
             lines += ["", "### General abilities", "", general.rstrip("\n")]
     labels = sorted({run_label(r) + " · " + str(r.dataset.get("name")) for r in results})
     lines += ["", f"Runs on this page: {', '.join(labels) or 'none yet'}."]
+    missing = [m for m in METHODS if not any(r.method == m for r in results)]
+    if missing:
+        lines += ["", f"Not measured yet: {', '.join(missing)}."]
     (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -114,15 +114,18 @@ def test_score_general_and_retention(tiny, tmp_path):
     assert 0 <= task["accuracy"] <= 1 and task["items"] == 20 and task["chance"] == 0.5
     assert task["correct_logprob"] < 0 and scores["perplexity"] > 1
     assert math.isclose(scores["perplexity"], perplexity(tiny, suite.sentences))
-    tasks = {"a": {"accuracy": 0.8, "above_chance": True}, "b": {"accuracy": 0.5}}
-    tasks["b"]["above_chance"] = False
+    tasks = {"a": {"accuracy": 0.8, "correct_logprob": -0.5, "above_chance": True}}
+    tasks["b"] = {"accuracy": 0.5, "correct_logprob": -1.0, "above_chance": False}
     before = {"tasks": tasks, "perplexity": 10.0}
-    after = {"tasks": {"a": {"accuracy": 0.6}, "b": {"accuracy": 0.25}}, "perplexity": 12.0}
+    after = {"tasks": {"a": {"accuracy": 0.6, "correct_logprob": -0.7}}, "perplexity": 12.0}
+    after["tasks"]["b"] = {"accuracy": 0.25, "correct_logprob": -1.0}
     summary = retention(before, after)
     assert summary["accuracy_ratio"] == {"a": pytest.approx(0.75), "b": 0.5}
     assert summary["mean_accuracy_ratio"] == pytest.approx(0.75)
     assert summary["tasks_above_chance"] == ["a"]
     assert summary["perplexity_ratio"] == pytest.approx(1.2)
+    assert summary["correct_logprob_change"] == {"a": pytest.approx(-0.2), "b": 0.0}
+    assert summary["mean_correct_logprob_change"] == pytest.approx(-0.1)
 
 
 def test_general_command_scores_a_model_and_writes_json(tiny, tmp_path, monkeypatch):

@@ -359,15 +359,24 @@ def score_general(handle: ModelHandle, suite: GeneralSuite) -> dict[str, Any]:
 
 
 def retention(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """after / before per task, and their mean over the tasks the unedited model is
-    above chance on (a task at chance says nothing about what editing kept)."""
+    """after / before accuracy per task, and its mean over the tasks the unedited
+    model is above chance on (a task at chance says nothing about what editing
+    kept); the change of the correct option's log-likelihood per task and on
+    average, a finer signal that counts on every task."""
     ratios = {}
     for name, scores in before["tasks"].items():
         if name in after["tasks"] and scores["accuracy"] > 0:
             ratios[name] = after["tasks"][name]["accuracy"] / scores["accuracy"]
     counted = [name for name in ratios if before["tasks"][name]["above_chance"]]
+    changes = {
+        name: after["tasks"][name]["correct_logprob"] - scores["correct_logprob"]
+        for name, scores in before["tasks"].items()
+        if name in after["tasks"]
+    }
     summary: dict[str, Any] = {
         "accuracy_ratio": ratios,
+        "correct_logprob_change": changes,
+        "mean_correct_logprob_change": sum(changes.values()) / len(changes) if changes else None,
         "tasks_above_chance": counted,
         "mean_accuracy_ratio": sum(ratios[n] for n in counted) / len(counted) if counted else None,
     }

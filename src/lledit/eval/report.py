@@ -79,7 +79,7 @@ def general_table(results: Sequence[LifelongResult]) -> str:
     if not scored:
         return ""
     tasks = list(dict.fromkeys(t for r in scored for t in r.general["before"]["tasks"]))
-    header = ["method", *tasks, "mean after/before", "perplexity"]
+    header = ["method", *tasks, "mean after/before", "Δ log-lik.", "perplexity"]
     rows = []
     for result in scored:
         before, after = result.general["before"], result.general["after"]
@@ -93,6 +93,12 @@ def general_table(results: Sequence[LifelongResult]) -> str:
             cells.append(f"{was['accuracy']:.2f} → {now['accuracy']:.2f}{mark}")
         mean = result.general["retention"].get("mean_accuracy_ratio")
         cells.append("-" if mean is None else f"{mean:.3f}")
+        changes = [
+            after["tasks"][task]["correct_logprob"] - before["tasks"][task]["correct_logprob"]
+            for task in before["tasks"]
+            if task in after["tasks"]
+        ]
+        cells.append(f"{sum(changes) / len(changes):+.3f}")
         if "perplexity" in before:
             cells.append(f"{before['perplexity']:.2f} → {after['perplexity']:.2f}")
         else:
@@ -100,7 +106,8 @@ def general_table(results: Sequence[LifelongResult]) -> str:
         rows.append(cells)
     note = (
         "General abilities, accuracy before → after editing; `(chance)` marks a task the "
-        "unedited model is not above chance on, left out of the mean."
+        "unedited model is not above chance on, left out of the mean after/before. "
+        "Δ log-lik.: the mean change of the correct option's log-likelihood over all tasks."
     )
     return "\n".join([note, "", *_table(header, rows)]) + "\n"
 
