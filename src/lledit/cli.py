@@ -29,7 +29,6 @@ from lledit.eval.general import (
 from lledit.eval.lifelong import SCORINGS
 from lledit.eval.report import (
     comparison_markdown,
-    general_table,
     load_runs,
     plot_comparison,
     plot_retention_by_age,
@@ -387,9 +386,6 @@ def report(
     written.append(plot_retention_by_age(results, out / "retention_by_age.png"))
     written.append(plot_curves(results, out / "curves.png"))
     console.print(console_table(results))
-    general = general_table(results)
-    if general:
-        console.print(general)
     names = ", ".join(path.name for path in written if path is not None)
     console.print(f"report of {len(results)} runs in {out}/ (report.md, {names})")
 
