@@ -122,7 +122,7 @@ def assert_states_equal(first: dict, second: dict) -> None:
 
 
 def _explicit_update(keys, values, log_ridge):
-    """(KᵀK + e^λ I)⁻¹ KᵀD, transposed to (d_out, d_in): DESIGN §3.1 as written."""
+    """(KᵀK + e^λ I)⁻¹ KᵀD, transposed to (d_out, d_in): the MALMEN solve as written."""
     d_in = keys.shape[1]
     system = keys.T @ keys + log_ridge.exp() * torch.eye(d_in, dtype=keys.dtype)
     return torch.linalg.solve(system, keys.T @ values).T
@@ -158,7 +158,7 @@ def test_least_squares_update_is_the_ridge_solution_and_its_gradient(tokens, d_i
     torch.testing.assert_close(grad_values, expected_values, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad_ridge, expected_ridge, rtol=1e-9, atol=1e-12)
 
-    # DESIGN: with M = (KᵀK + e^λ I)⁻¹ Gᵀ, ∂L/∂D = K M and ∂L/∂λ = -e^λ ⟨M, ΔWᵀ⟩.
+    # With M = (KᵀK + e^λ I)⁻¹ Gᵀ, ∂L/∂D = K M and ∂L/∂λ = -e^λ ⟨M, ΔWᵀ⟩.
     system = keys.T @ keys + log_ridge.exp() * torch.eye(d_in, dtype=torch.float64)
     m = torch.linalg.solve(system, functional.T)
     torch.testing.assert_close(grad_values, keys @ m, rtol=1e-9, atol=1e-12)

@@ -1,5 +1,5 @@
 """The lifelong protocol: apply N requests in batches of B to one model, then
-evaluate every edit on the final model (DESIGN §4), teacher-forced, by the
+evaluate every edit on the final model, teacher-forced, by the
 model's own answers, or both; optionally with its general abilities before and
 after."""
 

@@ -1,4 +1,4 @@
-"""Edit-quality metrics (DESIGN §4), for zsRE-style and CounterFact-style data.
+"""Edit-quality metrics, for zsRE-style and CounterFact-style data.
 
 zsRE-style ("qa"): teacher-forced token accuracy of the new target on the edit
 prompt (`efficacy`) and its rephrases (`generalization`), of the gold answer on

@@ -1,4 +1,4 @@
-"""Shared hypernetwork machinery of MEND, MALMEN and RLEdit (DESIGN §3.1).
+"""Shared hypernetwork machinery of MEND, MALMEN and RLEdit.
 
 `lledit.hypernet.training` holds the trainer; it is imported on its own because
 it runs the evaluation protocol, which imports the methods.

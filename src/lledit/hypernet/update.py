@@ -28,7 +28,7 @@ def value_differences(
 class _RidgeSolve(torch.autograd.Function):
     """ΔW = Dᵀ (K P Kᵀ + e^λ I)⁻¹ K P, with the meta-gradient written out.
 
-    This is the least-squares solution (KᵀK + e^λ C)⁻¹ KᵀD of DESIGN §3.1,
+    This is MALMEN's least-squares solution (KᵀK + e^λ C)⁻¹ KᵀD,
     with P = C⁻¹ (C = I unless key statistics are given), transposed to
     (d_out, d_in) and solved in the tokens x tokens form, which is much smaller
     than d_in x d_in. Backward: with G = ∂L/∂ΔW and S = K P Kᵀ + e^λ I,
