@@ -96,9 +96,13 @@ def ngram_entropy(
     return sum(w * e for w, e in zip(weights, entropies, strict=True)) / sum(weights)
 
 
-def _budget(handle: ModelHandle, expected: str) -> int:
-    ids = handle.tokenizer(" " + expected.strip(), add_special_tokens=False)["input_ids"]
-    return len(ids) + ANSWER_MARGIN_TOKENS
+def _budgets(handle: ModelHandle, expected: Sequence[str]) -> list[int]:
+    """Token budgets: each expected answer's length plus the margin, tokenised at once."""
+    if not expected:
+        return []
+    texts = [" " + answer.strip() for answer in expected]
+    encoded = handle.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [len(ids) + ANSWER_MARGIN_TOKENS for ids in encoded]
 
 
 def answer_reference(
@@ -109,7 +113,7 @@ def answer_reference(
 ) -> list[list[str]]:
     """The unedited model's answers to every locality prompt, for `locality_same`."""
     prompts = [prompt for request in requests for prompt, _ in request.locality]
-    budgets = [_budget(handle, answer) for request in requests for _, answer in request.locality]
+    budgets = _budgets(handle, [answer for request in requests for _, answer in request.locality])
     answers = iter(generate_answers(handle, prompts, budgets, batch_size=batch_size))
     return [[next(answers) for _ in request.locality] for request in requests]
 
@@ -144,9 +148,7 @@ def evaluate_answers(
             prompts += [prompt for prompt, _ in pairs]
             expected += [answer for _, answer in pairs]
         plans.append(plan)
-    answers = generate_answers(
-        handle, prompts, [_budget(handle, e) for e in expected], batch_size=batch_size
-    )
+    answers = generate_answers(handle, prompts, _budgets(handle, expected), batch_size=batch_size)
     matches = [answer_matches(a, e) for a, e in zip(answers, expected, strict=True)]
 
     fluency_prompts = [prompt for request in requests for prompt in request.generation_prompts]

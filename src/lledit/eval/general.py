@@ -27,7 +27,7 @@ import torch
 from lledit.data.datasets import data_dir
 from lledit.eval.scoring import score_pairs
 from lledit.model import ModelHandle
-from lledit.tokens import collate, encode_pairs
+from lledit.tokens import EncodedPair, collate, encode_pairs
 
 
 class GeneralDataError(ValueError):
@@ -265,19 +265,15 @@ def perplexity(handle: ModelHandle, sentences: Sequence[str], batch_size: int = 
     total, tokens = 0.0, 0
     head = handle.model.get_output_embeddings()
     for start in range(0, len(encoded), batch_size):
-        rows = encoded[start : start + batch_size]
-        length = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), length), handle.tokenizer.pad_token_id)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for row, ids in enumerate(rows):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        input_ids, mask = input_ids.to(handle.device), mask.to(handle.device)
-        hidden = handle.model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        kept = mask[:, 1:].bool()
-        logits = head(hidden[:, :-1][kept]).float()
-        total -= logits.log_softmax(-1).gather(1, input_ids[:, 1:][kept][:, None]).sum().item()
-        tokens += int(kept.sum())
+        # Every token after the first is a "target": collate locates them all.
+        pairs = [EncodedPair(ids, 1) for ids in encoded[start : start + batch_size]]
+        batch = collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)
+        hidden = handle.model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        logits = head(hidden[batch.target_rows, batch.target_positions - 1]).float()
+        total -= logits.log_softmax(-1).gather(1, batch.target_ids[:, None]).sum().item()
+        tokens += len(batch.target_ids)
     return math.exp(total / tokens)
 
 
@@ -324,7 +320,8 @@ def option_logprobs(
                 index = single[position]
                 option_ids = [pair.target_ids[0] for pair in grouped[index]]
                 scores[index] = logprobs[row, option_ids].tolist()
-    rest = [index for index in range(len(items)) if index not in set(single)]
+    scored_at_once = set(single)
+    rest = [index for index in range(len(items)) if index not in scored_at_once]
     if rest:
         prompts = [items[i].prompt for i in rest for _ in items[i].options]
         options = [option for i in rest for option in items[i].options]

@@ -17,6 +17,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lledit.model import ModelHandle
+from lledit.tokens import EncodedPair, collate
 
 DEFAULT_GENERATION_BATCH_SIZE = 32
 
@@ -47,16 +48,6 @@ class _AnswerEnded(StoppingCriteria):
         ended = [_CLAUSE_END.search(text.lstrip()) is not None for text in texts]
         done = torch.tensor(ended, device=input_ids.device)
         return done | (generated.shape[1] >= self.budgets.to(input_ids.device))
-
-
-def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, ids in enumerate(rows):
-        input_ids[row, length - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, length - len(ids) :] = 1
-    return input_ids, attention_mask
 
 
 def _until_eos(tokens: list[int], eos_id: int | None, budget: int) -> list[int]:
@@ -102,9 +93,10 @@ def generate_continuations(
     order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        input_ids, attention_mask = _left_padded(
-            [encoded[i] for i in chunk], tokenizer.pad_token_id
-        )
+        # Prompts alone: pairs with an empty target, left-padded for generation.
+        prompts_only = [EncodedPair(encoded[i], len(encoded[i])) for i in chunk]
+        padded = collate(prompts_only, tokenizer.pad_token_id, padding_side="left")
+        input_ids, attention_mask = padded.input_ids, padded.attention_mask
         chunk_budgets = torch.tensor([budgets[i] for i in chunk])
         stopping = (
             StoppingCriteriaList([_AnswerEnded(tokenizer, input_ids.shape[1], chunk_budgets)])
