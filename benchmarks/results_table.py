@@ -9,8 +9,8 @@ trained network take it from `--checkpoint METHOD=DIR` and are left out
 without one. Then `docs/results.md` and `docs/results.json` are rebuilt from
 every finished run.
 
-Run: `python benchmarks/results_table.py [--runs runs/results] [--methods ft,grace]
-[--checkpoint rledit=runs/ckpt/rledit] [--only-docs]`.
+Run: `python benchmarks/results_table.py [--runs runs/results] [--datasets zsre]
+[--methods ft,grace] [--checkpoint rledit=runs/ckpt/rledit] [--only-docs]`.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ ANSWER = (
 )  # fmt: skip
 
 
-def run_missing(runs: Path, methods: list[str], checkpoints: dict[str, str]) -> None:
+def run_missing(
+    runs: Path, datasets: list[str], methods: list[str], checkpoints: dict[str, str]
+) -> None:
     """Run every (dataset, method, EOS) combination that has no results.json yet."""
     suite = load_general()
     runs.mkdir(parents=True, exist_ok=True)
     before_file = runs / "general_before.json"
-    for dataset_name in DATASETS:
+    for dataset_name in datasets:
         dataset = load_dataset(dataset_name, "eval", limit=EDITS)
         for method in methods:
             needs_network = "checkpoint" in METHODS[method].config_class.__dataclass_fields__
@@ -165,6 +167,7 @@ def write_docs(runs: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "results")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--checkpoint", action="append", default=[], help="METHOD=DIR")
     parser.add_argument("--only-docs", action="store_true")
@@ -172,8 +175,9 @@ def main() -> None:
     logging.basicConfig(format="%(message)s")
     checkpoints = dict(item.split("=", 1) for item in arguments.checkpoint)
     if not arguments.only_docs:
+        datasets = [d.strip() for d in arguments.datasets.split(",") if d.strip()]
         methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
-        run_missing(arguments.runs, methods, checkpoints)
+        run_missing(arguments.runs, datasets, methods, checkpoints)
     write_docs(arguments.runs)
 
 
