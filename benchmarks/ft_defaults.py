@@ -37,7 +37,7 @@ def main() -> None:
     print("| layer | lr | norm_bound | steps | " + " | ".join(METRICS) + " | edit s/batch |")
     print("|---" * (5 + len(METRICS)) + "|")
     for layer, lr, bound, steps in SETTINGS:
-        editor = make_editor("ft", handle, layer=layer, lr=lr, norm_bound=bound, steps=steps)
+        editor = make_editor("ft", handle, layers=str(layer), lr=lr, norm_bound=bound, steps=steps)
         totals = dict.fromkeys(METRICS, 0.0)
         seconds = 0.0
         for batch, reference in zip(batches, references, strict=True):

@@ -60,11 +60,11 @@ def main() -> None:
             trainer = HypernetTrainer(
                 handle, method_class(args.method), config, data.requests, out, data.to_dict()
             )
-            trainer.train(show_progress=False)
-            report = trainer.validate(show_progress=False)
+            trainer.train()
+            report = trainer.validate()
         scores = [report["metrics"][name] for name in METRICS]
         if args.eval_edits:
-            result = trainer.edit_sequence(eval_requests, show_progress=False)
+            result = trainer.edit_sequence(eval_requests)
             scores += [result.metrics[name] for name in METRICS]
         cells = " | ".join(f"{score:.3f}" for score in scores)
         print(f"| {text or 'defaults'} | {cells} | {trainer.elapsed_s:.0f} |", flush=True)

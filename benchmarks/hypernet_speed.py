@@ -17,7 +17,7 @@ import time
 
 from lledit import load_dataset, load_model, make_editor
 from lledit.hypernet.capture import sequence_losses
-from lledit.tokens import edit_batch
+from lledit.model import edit_batch
 
 
 def main() -> None:

@@ -20,7 +20,10 @@ import json
 import logging
 from pathlib import Path
 
-from lledit import METHODS, load_dataset, load_model, make_editor, run_lifelong
+from rich.console import Console
+
+from lledit import METHODS, load_dataset, load_model, make_editor, progress, run_lifelong
+from lledit.cli import ProgressBars
 from lledit.eval.general import load_general, score_general
 from lledit.eval.lifelong import LifelongResult
 from lledit.eval.report import general_table, run_label
@@ -177,7 +180,8 @@ def main() -> None:
     if not arguments.only_docs:
         datasets = [d.strip() for d in arguments.datasets.split(",") if d.strip()]
         methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
-        run_missing(arguments.runs, datasets, methods, checkpoints)
+        with progress.reporting(ProgressBars(Console())):
+            run_missing(arguments.runs, datasets, methods, checkpoints)
     write_docs(arguments.runs)
 
 

@@ -188,9 +188,7 @@ class RecordingEditor:
 @pytest.mark.parametrize("scoring", ["teacher", "answer", "both"])
 def test_scoring_modes_choose_the_metric_families(tiny, requests_small, scoring):
     editor = RecordingEditor()
-    result = run_lifelong(
-        tiny, editor, requests_small, 2, scoring=scoring, append_eos=True, show_progress=False
-    )
+    result = run_lifelong(tiny, editor, requests_small, 2, scoring=scoring, append_eos=True)
     has_teacher = "efficacy" in result.metrics
     has_answer = "efficacy_em" in result.metrics
     assert (has_teacher, has_answer) == (scoring != "answer", scoring != "teacher")

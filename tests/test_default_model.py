@@ -81,7 +81,7 @@ def test_rledit_trains_on_builtin_edits_then_edits_and_undoes_exactly(
     assert config.key_ridge
     before = snapshot(default_handle)
     trainer = HypernetTrainer(default_handle, RLEdit, config, train, tmp_path, {"name": "builtin"})
-    trainer.train(show_progress=False)
+    trainer.train()
     assert_weights_equal(default_handle, before)  # trajectories restore the model
 
     requests = load_dataset("builtin", "eval", limit=10).requests
@@ -120,7 +120,7 @@ def test_appending_eos_teaches_grace_to_stop(default_handle):
         try:
             result = run_lifelong(
                 default_handle, editor, requests, 10, scoring="answer",
-                append_eos=append_eos, show_progress=False,
+                append_eos=append_eos,
             )  # fmt: skip
         finally:
             editor.remove()

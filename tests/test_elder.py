@@ -17,8 +17,7 @@ from lledit.eval import evaluate
 from lledit.eval.scoring import score_pairs
 from lledit.journal import Journal, JournaledModel, JournalError
 from lledit.methods.elder import MixtureOfLoRA, _lowest_mean_probability, allocation_codes
-from lledit.model import ModelHandle, SequenceWatch
-from lledit.tokens import edit_batch
+from lledit.model import ModelHandle, SequenceWatch, edit_batch
 
 UNRELATED = [
     "The chemical symbol for gold is",
@@ -421,7 +420,8 @@ def test_elder_config_errors(tiny):
         ({"replay": -1}, "replay must be >= 0"),
         ({"layers": "1-2", "query_layer": 1}, "query_layer must lie below"),
         ({"layers": "9"}, "layer 9 does not exist"),
-        ({"part": "mlp"}, "not a linear layer"),
+        ({"part": "mlp"}, "names [23] modules per layer; ELDER adapts one"),
+        ({"part": "nowhere"}, "no module named"),
     ]
     for settings, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
@@ -496,7 +496,7 @@ def test_grace_undo_removes_its_entries(tiny, requests_small, dtype):
 
 
 def test_grace_save_load_round_trip(tiny, requests_small, tmp_path):
-    editor = make_editor("grace", tiny, layer=1, radius=0.5, steps=10)
+    editor = make_editor("grace", tiny, layers="1", radius=0.5, steps=10)
     editor.apply(requests_small)
     probe = [r.prompt for r in requests_small] + UNRELATED
     expected = logits(tiny, probe)
@@ -514,9 +514,11 @@ def test_grace_config_errors(tiny):
         ({"steps": 0}, "steps must be at least 1"),
         ({"lr": -1.0}, "lr must be positive"),
         ({"early_stop": 2.0}, r"early_stop must be in \(0, 1\]"),
-        ({"module": "model.nowhere"}, "no module named"),
+        ({"part": "nowhere"}, "no module named"),
+        ({"layers": "1-2"}, "GRACE adapts one module"),
+        ({"part": "mlp"}, "GRACE adapts one module"),
     ]:
-        with pytest.raises((ValueError, KeyError), match=message):
+        with pytest.raises(ValueError, match=message):
             make_editor("grace", tiny, **settings)
 
 

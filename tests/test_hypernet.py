@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from lledit import EditRequest, make_editor
 from lledit.cli import app
+from lledit.edit import add_weight_deltas
 from lledit.hypernet import CheckpointError, Hypernetwork, ModuleShape, load_network
 from lledit.hypernet.capture import Captured, capture_gradients, sequence_losses
-from lledit.hypernet.config import HypernetTrainConfig, edited_modules, parse_layers
+from lledit.hypernet.config import HypernetTrainConfig, edited_modules
 from lledit.hypernet.losses import (
     LossBatch,
     locality_log_probs,
@@ -29,11 +30,10 @@ from lledit.hypernet.update import (
     precision_with_keys,
     value_differences,
 )
-from lledit.locate import key_covariances
 from lledit.methods import MALMEN, MEND, RLEdit
-from lledit.methods.base import add_weight_deltas
-from lledit.model import ModelHandle
-from lledit.tokens import batch_tokens, edit_batch, encode_pairs
+from lledit.model import ModelHandle, batch_tokens, edit_batch
+from lledit.stats import key_covariances
+from lledit.tokens import encode_pairs
 
 runner = CliRunner()
 DATA = {"name": "test requests", "sha256": "0" * 64}
@@ -527,15 +527,9 @@ def test_hypernetwork_starts_as_identity_on_normalised_inputs_and_trains_its_up_
         Hypernetwork(modules, 0, 1, "mend")
 
 
-def test_config_checks_and_layer_parsing(tiny):
-    assert parse_layers("2-3", 4) == [2, 3]
-    assert parse_layers("3, 0,3", 4) == [0, 3]
-    with pytest.raises(ValueError, match="layers 0-3"):
-        parse_layers("2-4", 4)
-    with pytest.raises(ValueError, match="write them like"):
-        parse_layers("two", 4)
-    with pytest.raises(ValueError, match="part must be one of"):
-        HypernetTrainConfig(part="attention")
+def test_config_checks_and_edited_modules(tiny):
+    with pytest.raises(ValueError, match="part 'attention': the model has no module named"):
+        edited_modules(tiny, HypernetTrainConfig(part="attention"))
     with pytest.raises(ValueError, match="trajectory_length must be at least 1"):
         HypernetTrainConfig(trajectory_length=0)
     assert HypernetTrainConfig(trajectory_length=20, step_every=5).steps_per_trajectory == 4
@@ -712,7 +706,7 @@ def test_rledit_training_lowers_the_trajectory_loss_and_restores_the_model(token
     assert_weights_equal(handle, before)
 
     trainer = make_trainer(handle, RLEdit, tmp_path / "b", **settings)
-    trainer.train(show_progress=False)
+    trainer.train()
     assert_weights_equal(handle, before)
     assert trainer.steps_done == 60 and trainer.trajectories_done == 20
     assert [entry["step"] for entry in trainer.losses] == list(range(3, 61, 3))
@@ -770,7 +764,7 @@ def trained(request, tokenizer, tmp_path_factory):
     handle = fresh(request.param, tokenizer)
     out = tmp_path_factory.mktemp(f"malmen-{request.param}")
     trainer = make_trainer(handle, MALMEN, out, steps=4, checkpoint_every=2)
-    trainer.train(show_progress=False)
+    trainer.train()
     return request.param, trainer, out
 
 
@@ -860,7 +854,7 @@ def test_earlier_keys_weight_keeps_earlier_batches_and_undo_releases_them(traine
 def test_validate_runs_the_lifelong_protocol_and_restores(trained):
     _, trainer, out = trained
     before = snapshot(trainer.handle)
-    report = trainer.validate(show_progress=False)
+    report = trainer.validate()
     assert report["n_edits"] == 2 and {"efficacy", "locality"} <= set(report["metrics"])
     assert json.loads((out / "validation.json").read_text())["n_edits"] == 2
     assert_weights_equal(trainer.handle, before)
@@ -928,15 +922,15 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tokenizer, tmp_path):
         "l2_weight": 1e-3,
     }
     straight = make_trainer(handle, RLEdit, tmp_path / "straight", steps=8, **settings)
-    straight.train(show_progress=False)
+    straight.train()
 
     first = make_trainer(handle, RLEdit, tmp_path / "split", steps=4, **settings)
-    first.train(show_progress=False)
+    first.train()
     assert first.steps_done == 4 and first.trajectories_done == 2
     second = make_trainer(handle, RLEdit, tmp_path / "split", steps=8, **settings)
     second.resume()
     assert second.steps_done == 4
-    second.train(show_progress=False)
+    second.train()
 
     assert second.steps_done == straight.steps_done == 8
     assert second.trajectories_done == straight.trajectories_done == 4

@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 
 from lledit import EditRequest
 from lledit.cli import app
+from lledit.edit import NonFiniteUpdateError, apply_weight_deltas
 from lledit.journal import APPLIED, FAILED, UNDONE, Journal, JournaledModel, JournalError
-from lledit.methods import NonFiniteUpdateError, apply_weight_deltas, make_editor
+from lledit.methods import make_editor
 from lledit.model import ModelHandle, load_model
 
 FT = {"steps": 3, "lr": 0.05, "norm_bound": 0.5}
@@ -67,7 +68,7 @@ def test_undo_of_an_old_batch_removes_only_its_delta(fresh, requests_small, tmp_
 def test_failed_batch_is_journaled_and_changes_nothing(fresh, requests_small, tmp_path):
     live = open_model(fresh(), tmp_path / "j.db")
     before = snapshot(live.handle)
-    poison = live.handle.module(live.editor.module_name).register_forward_hook(
+    poison = live.handle.module(live.editor.modules[0]).register_forward_hook(
         lambda module, inputs, output: output * float("nan")
     )
     try:
@@ -86,7 +87,7 @@ def test_journal_refuses_another_base_model(fresh, tokenizer, requests_small, tm
     live.apply(requests_small[:1])
     other = fresh()
     with torch.no_grad():
-        other.weight_of(live.editor.module_name).add_(1.0)
+        other.weight_of(live.editor.modules[0]).add_(1.0)
     with pytest.raises(JournalError, match="base weights"):
         open_model(other, tmp_path / "j.db")
     renamed = fresh()

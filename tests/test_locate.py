@@ -1,4 +1,4 @@
-"""Locate-then-edit: subject tokens, closed forms, key statistics, MEMIT and AlphaEdit."""
+"""Locate-then-edit: subject tokens, closed forms, MEMIT and AlphaEdit."""
 
 import importlib.metadata
 import json
@@ -11,20 +11,12 @@ from typer.testing import CliRunner
 
 from lledit import EditRequest, evaluate, load_dataset, make_editor
 from lledit.cli import app
+from lledit.edit import NonFiniteUpdateError
 from lledit.eval.scoring import score_pairs
-from lledit.locate import (
-    SubjectNotFoundError,
-    alphaedit_delta,
-    default_layers,
-    key_covariances,
-    memit_delta,
-    null_space_projection,
-    parse_layers,
-    read_corpus,
-    subject_span,
-    token_positions,
-)
-from lledit.methods import NonFiniteUpdateError, parse_settings
+from lledit.locate import SubjectNotFoundError, subject_span, token_positions
+from lledit.methods import parse_settings
+from lledit.methods.alphaedit import alphaedit_delta, null_space_projection
+from lledit.methods.memit import memit_delta
 from lledit.model import default_model_cache
 
 FAST = {"layers": "1,2", "stats_samples": 2000, "prefix_count": 2, "prefix_length": 3}
@@ -158,75 +150,6 @@ def test_alphaedit_update_leaves_preserved_keys_alone_and_solves_its_objective()
     torch.testing.assert_close(null_space_projection(covariance * 1e4, 1e-4), projection)
 
 
-# Key statistics -------------------------------------------------------------------------------
-
-
-def test_key_statistics_are_cached_and_reused(tiny, monkeypatch, tmp_path):
-    modules = [tiny.layer_module(layer, tiny.arch.mlp_out) for layer in (1, 2)]
-    first = key_covariances(tiny, modules, samples=300, max_length=32, batch_size=4)
-    files = sorted((tmp_path / "cache" / "lledit" / "stats").rglob("*.safetensors"))
-    assert len(files) == 2
-    settings = json.loads(files[0].with_suffix(".json").read_text())
-    assert settings["key"]["model"] == tiny.name and settings["count"] == 300
-    mtimes = [f.stat().st_mtime_ns for f in files]
-
-    def recompute(*args, **kwargs):
-        raise AssertionError("cached statistics were recomputed")
-
-    monkeypatch.setattr("lledit.locate._collect_from_samples", recompute)
-    second = key_covariances(tiny, modules, samples=300, max_length=32, batch_size=4)
-    for module in modules:
-        assert first[module].dtype == torch.float32
-        assert torch.equal(first[module], second[module])
-    assert [f.stat().st_mtime_ns for f in files] == mtimes
-    # Another sample count is another cache entry.
-    with pytest.raises(AssertionError, match="recomputed"):
-        key_covariances(tiny, modules, samples=301, max_length=32, batch_size=4)
-
-
-def test_too_few_keys_for_their_width_are_warned_about(tiny, caplog):
-    module = tiny.layer_module(1, tiny.arch.mlp_out)
-    width = tiny.weight_of(module).shape[1]
-    with caplog.at_level("WARNING", logger="lledit.locate"):
-        key_covariances(tiny, [module], samples=width, max_length=32, batch_size=4)
-    assert f"over {width} keys for {width}-wide keys are poorly estimated" in caplog.text
-    assert f"ask for at least {4 * width}" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="lledit.locate"):
-        key_covariances(tiny, [module], samples=4 * width, max_length=32, batch_size=4)
-    assert "poorly estimated" not in caplog.text
-
-
-def test_key_statistics_from_a_corpus_file(tiny, tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The capital of France is Paris.\nHarry Potter was written by Rowling.\n")
-    assert read_corpus(corpus) == [
-        "The capital of France is Paris.",
-        "Harry Potter was written by Rowling.",
-    ]
-    corpus.write_text("The capital of France is Paris.\nIt is big.\n\n\nRome is old.\n")
-    documents = read_corpus(corpus)
-    assert documents == ["The capital of France is Paris.\nIt is big.", "Rome is old."]
-    module = tiny.layer_module(1, tiny.arch.mlp_out)
-    # The second moment, computed directly, one document at a time.
-    keys = []
-    hook = tiny.module(module).register_forward_pre_hook(lambda m, i: keys.append(i[0][0]))
-    with torch.no_grad():
-        for document in documents:
-            tiny.model(**tiny.tokenizer(document, return_tensors="pt"))
-    hook.remove()
-    keys = torch.cat(keys)
-    expected = keys.T @ keys / len(keys)
-    stats = key_covariances(tiny, [module], samples=len(keys), corpus=str(corpus), batch_size=2)
-    torch.testing.assert_close(stats[module], expected, rtol=1e-4, atol=1e-6)
-    corpus.write_text("Another text entirely.\n")
-    changed = key_covariances(tiny, [module], samples=len(keys), corpus=str(corpus))
-    assert not torch.equal(changed[module], stats[module])
-    corpus.write_text("\n \n")
-    with pytest.raises(ValueError, match="no text"):
-        key_covariances(tiny, [module], samples=10, corpus=str(corpus))
-
-
 # MEMIT and AlphaEdit on the tiny models -------------------------------------------------------
 
 
@@ -311,20 +234,14 @@ def test_non_finite_update_is_rejected_and_model_unchanged(tiny, requests_small,
 
 
 def test_settings_layers_and_modules(tiny):
-    assert default_layers(30) == (4, 5, 6, 7, 8)
-    assert default_layers(4) == (1, 2)
-    assert parse_layers("4-6, 8", 30) == (4, 5, 6, 8)
-    assert parse_layers("-1", 4) == (3,)
-    with pytest.raises(ValueError, match="does not exist"):
-        parse_layers("2-9", 4)
-    with pytest.raises(ValueError, match="cannot read"):
-        parse_layers("two", 4)
     editor = make_editor("memit", tiny, layers="1-2")
     assert editor.locator.critical_layer == 2
-    assert editor.config_dict()["layers"] == "1,2"
-    assert editor.config_dict()["module"] == tiny.arch.mlp_out
+    assert editor.config_dict()["modules"] == [
+        tiny.layer_module(i, tiny.arch.mlp_out) for i in (1, 2)
+    ]
+    assert make_editor("memit", tiny).locator.layers == tiny.default_layers("lower")
     with pytest.raises(ValueError, match="residual stream"):
-        make_editor("memit", tiny, module=tiny.arch.mlp_in[0])
+        make_editor("memit", tiny, part="mlp_in")
     with pytest.raises(ValueError, match="null_space_threshold"):
         make_editor("alphaedit", tiny, null_space_threshold=0)
     with pytest.raises(ValueError, match="mom2_weight"):

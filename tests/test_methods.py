@@ -3,8 +3,9 @@ import torch
 from conftest import assert_weights_equal, snapshot
 
 from lledit import METHODS, EditRequest, make_editor
+from lledit.edit import NonFiniteUpdateError, apply_weight_deltas
 from lledit.eval import evaluate
-from lledit.methods import NonFiniteUpdateError, apply_weight_deltas, parse_settings
+from lledit.methods import parse_settings
 
 
 def test_registry_lists_none_and_ft():
@@ -21,9 +22,9 @@ def test_ft_edits_one_module_and_undo_restores_bit_for_bit(tiny, requests_small,
     editor = make_editor("ft", tiny, lr=0.05, norm_bound=0.5, steps=20)
     applied = editor.apply(requests_small)
     changed = [n for n, v in tiny.model.state_dict().items() if not torch.equal(v, before[n])]
-    assert changed == [f"{editor.module_name}.weight"]
+    assert changed == [f"{editor.modules[0]}.weight"]
     assert evaluate(tiny, requests_small)[0]["efficacy"] > efficacy_before
-    bound = applied.deltas[editor.module_name].abs().max()
+    bound = applied.deltas[editor.modules[0]].abs().max()
     assert bound <= 0.5 * 1.01 + (0.02 if dtype == torch.bfloat16 else 0)
     applied.undo()
     assert_weights_equal(tiny, before)
@@ -46,7 +47,7 @@ def test_non_finite_update_is_rejected_and_model_unchanged(tiny, requests_small)
     before = snapshot(tiny)
     editor = make_editor("ft", tiny, steps=2)
     # A NaN activation makes the loss, the gradient and so the delta NaN.
-    poison = tiny.module(editor.module_name).register_forward_hook(
+    poison = tiny.module(editor.modules[0]).register_forward_hook(
         lambda module, inputs, output: output * float("nan")
     )
     try:
@@ -85,15 +86,16 @@ def test_ft_config_checks_and_settings_parsing(tiny):
         make_editor("ft", tiny, rank=4)
     with pytest.raises(ValueError, match="must be positive"):
         make_editor("ft", tiny, lr=float("nan"))
-    assert parse_settings("ft", ["lr=1e-2", "layer=none", "steps=3"]) == {
+    assert parse_settings("ft", ["lr=1e-2", "layers=none", "steps=3"]) == {
         "lr": 0.01,
-        "layer": None,
+        "layers": None,
         "steps": 3,
     }
     with pytest.raises(ValueError, match="no setting 'rank'"):
         parse_settings("ft", ["rank=4"])
     with pytest.raises(ValueError, match="cannot read 'many'"):
         parse_settings("ft", ["steps=many"])
-    editor = make_editor("ft", tiny, module=tiny.layer_module(0, tiny.arch.mlp_in[0]))
-    assert editor.config_dict()["module"].endswith(tiny.arch.mlp_in[0])
+    editor = make_editor("ft", tiny, layers="0", part="mlp_in")
+    assert editor.config_dict()["modules"] == [tiny.layer_module(0, p) for p in tiny.arch.mlp_in]
+    assert make_editor("ft", tiny).modules == [tiny.layer_module(2, tiny.arch.mlp_out)]
     assert isinstance(EditRequest("a", "b"), EditRequest)

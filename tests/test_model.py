@@ -5,8 +5,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from lledit import model as model_module
-from lledit.model import ModelHandle, ModelLoadError, load_model, resolve_dtype
-from lledit.tokens import edit_batch
+from lledit.model import ModelHandle, ModelLoadError, edit_batch, load_model, resolve_dtype
 
 
 def test_weight_of_is_out_by_in_view_sharing_storage(tiny):
@@ -26,7 +25,6 @@ def test_weight_of_is_out_by_in_view_sharing_storage(tiny):
 def test_layer_addressing(tiny):
     assert tiny.num_layers == 4
     assert tiny.layer_module(-1, tiny.arch.mlp_out).startswith(f"{tiny.arch.layers}.3.")
-    assert tiny.default_edit_layers == (2,)
     with pytest.raises(IndexError, match="layer 9"):
         tiny.layer_module(9, tiny.arch.mlp_out)
     with pytest.raises(KeyError, match="no module named"):

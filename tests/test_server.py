@@ -12,9 +12,10 @@ from conftest import assert_weights_equal, snapshot
 from fastapi.testclient import TestClient
 
 from lledit import EditRequest
+from lledit.edit import NonFiniteUpdateError
 from lledit.eval.scoring import score_pairs
 from lledit.journal import APPLIED, FAILED, UNDONE, Journal, JournaledModel
-from lledit.methods import NonFiniteUpdateError, make_editor
+from lledit.methods import make_editor
 from lledit.server import ReadWriteLock, create_app
 
 EDITS = [

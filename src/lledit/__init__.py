@@ -1,11 +1,13 @@
 """lledit: lifelong knowledge editing of language models."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
 
 from lledit.data import EditRequest, InvalidEditError, load_dataset
 from lledit.eval import LifelongResult, evaluate, run_lifelong
 from lledit.methods import METHODS, make_editor
 from lledit.model import ModelHandle, load_model
+
+__version__ = version("lledit")
 
 __all__ = [
     "METHODS",

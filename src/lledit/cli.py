@@ -12,11 +12,20 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
+from lledit import progress
 from lledit.data import DataFileError, InvalidEditError, UnknownDatasetError, list_datasets
 from lledit.data import load_dataset as load_edit_dataset
+from lledit.edit import NonFiniteUpdateError
 from lledit.eval import console_table, markdown_table, plot_curves, run_lifelong
 from lledit.eval.general import (
     TASKS,
@@ -34,10 +43,10 @@ from lledit.eval.report import (
     plot_retention_by_age,
 )
 from lledit.hypernet import CheckpointError
+from lledit.hypernet.training import HypernetTrainer
 from lledit.journal import UNDONE, Journal, JournaledModel, JournalError
 from lledit.methods import (
     METHODS,
-    NonFiniteUpdateError,
     UnknownMethodError,
     config_fields,
     make_editor,
@@ -46,6 +55,7 @@ from lledit.methods import (
     train_config_class,
 )
 from lledit.model import DEFAULT_MODEL, ModelLoadError, load_model
+from lledit.server import serve as run_server
 
 app = typer.Typer(help="Lifelong knowledge editing of language models.", no_args_is_help=True)
 data_app = typer.Typer(help="Benchmark data: what is available.", no_args_is_help=True)
@@ -88,13 +98,50 @@ USER_ERRORS = (
 )
 
 
+class ProgressBars:
+    """Draws the library's progress tasks as rich bars; a finished inner task's bar goes away."""
+
+    def __init__(self, console: Console) -> None:
+        self._bars = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self._running: list[TaskID] = []
+
+    def start(self, description: str, total: int | None, completed: int) -> TaskID:
+        if not self._running:
+            for old in self._bars.task_ids:
+                self._bars.remove_task(old)
+            self._bars.start()
+        bar = self._bars.add_task(description, total=total, completed=completed, status="")
+        self._running.append(bar)
+        return bar
+
+    def update(self, handle: object, completed: int, status: str) -> None:
+        self._bars.update(handle, completed=completed, status=status)  # type: ignore[arg-type]
+
+    def stop(self, handle: object) -> None:
+        self._running.remove(handle)  # type: ignore[arg-type]
+        if self._running:
+            self._bars.remove_task(handle)  # type: ignore[arg-type]
+        else:
+            self._bars.stop()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    context: typer.Context, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False
+) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+    context.with_resource(progress.reporting(ProgressBars(console)))
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -292,8 +339,6 @@ def train(
     allow_download: DownloadOption = False,
 ) -> None:
     """Train a hypernetwork editor; checkpoints and a validation report go to --out."""
-    from lledit.hypernet.training import HypernetTrainer
-
     try:
         config_class = train_config_class(method)
         overrides = parse_settings(method, settings or [], config_class)
@@ -460,15 +505,11 @@ def edit(
         requests = load_edit_dataset(str(file), skip_invalid=skip_invalid).requests
         edited = _open_journaled(journal, method, model, device, dtype, settings, allow_download)
         batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=console,
-        ) as progress:
-            for batch in progress.track(batches, description=f"{method}: editing"):
+        with progress.task(f"{method}: editing", total=len(batches)) as task:
+            for batch in batches:
                 record = edited.apply(batch)
                 logger.info("batch %d applied (edits %s)", record.id, list(record.edit_ids))
+                task.advance()
     except USER_ERRORS as error:
         raise _fail(error) from error
     console.print(f"{len(requests)} edits in {len(batches)} batches journaled in {journal}")
@@ -556,8 +597,6 @@ def serve(
     allow_download: DownloadOption = False,
 ) -> None:
     """Serve the journaled model over HTTP: edit, undo, generate, score."""
-    from lledit.server import serve as run_server
-
     logging.getLogger("lledit.server").setLevel(logging.INFO)  # say where it listens
     try:
         token = None

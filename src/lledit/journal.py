@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lledit.data.request import EditRequest
-from lledit.methods.base import EditMethod, WeightDelta, add_weight_deltas, edits_weights
+from lledit.edit import EditMethod, WeightDelta, add_weight_deltas, edits_weights
 from lledit.model import ModelHandle
 
 APPLIED, UNDONE, FAILED = "applied", "undone", "failed"

@@ -7,7 +7,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +16,17 @@ import torch
 from platformdirs import user_cache_dir
 from safetensors.torch import save_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
-from lledit.tokens import TokenBatch
+from lledit.layers import Band, default_layers, parse_layers
+from lledit.tokens import EncodedPair, TokenBatch, collate, encode_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -104,21 +110,51 @@ class ModelHandle:
     def num_layers(self) -> int:
         return len(self.module(self.arch.layers))
 
-    @property
-    def default_edit_layers(self) -> tuple[int, ...]:
-        """The upper-middle block of layers, where MLP edits work best.
+    def default_layers(self, band: Band) -> tuple[int, ...]:
+        """The layers a method of `band` edits when its config names none (see `Band`)."""
+        return default_layers(self.num_layers, band)
 
-        For SmolLM2-135M (30 layers) this is layers 18-23.
+    def part_modules(self, part: str) -> tuple[str, ...]:
+        """The module paths inside a decoder layer that `part` names (see `PARTS`)."""
+        aliases = {
+            "mlp_in": self.arch.mlp_in,
+            "mlp_out": (self.arch.mlp_out,),
+            "mlp": (*self.arch.mlp_in, self.arch.mlp_out),
+        }
+        return aliases.get(part, (part,))
+
+    def edited_modules(
+        self, layers: str | None, part: str, band: Band, *, first_only: bool = False
+    ) -> list[str]:
+        """The modules a config's `layers` and `part` name, each checked to be a linear layer.
+
+        `layers` None means the default layers of `band`, or only the first of
+        them for a method that edits one layer by default (`first_only`).
         """
-        n = self.num_layers
-        return tuple(range(int(0.6 * n), max(int(0.8 * n), int(0.6 * n) + 1)))
+        if layers is None:
+            chosen = self.default_layers(band)[:1] if first_only else self.default_layers(band)
+        else:
+            chosen = parse_layers(layers, self.num_layers)
+        names = [
+            self.layer_module(layer, path) for layer in chosen for path in self.part_modules(part)
+        ]
+        for name in names:
+            try:
+                self.weight_of(name)
+            except (KeyError, TypeError) as error:
+                raise ValueError(f"part {part!r}: {error.args[0]}") from None
+        return names
 
-    def layer_module(self, layer: int, part: str) -> str:
-        """The full name of `part` (e.g. `mlp.down_proj`) in decoder layer `layer`."""
+    def decoder_layer(self, layer: int) -> str:
+        """The full name of decoder layer `layer` (e.g. `model.layers.3`)."""
         n = self.num_layers
         if not -n <= layer < n:
             raise IndexError(f"layer {layer} does not exist; the model has {n} layers")
-        return f"{self.arch.layers}.{layer % n}.{part}"
+        return f"{self.arch.layers}.{layer % n}"
+
+    def layer_module(self, layer: int, part: str) -> str:
+        """The full name of `part` (e.g. `mlp.down_proj`) in decoder layer `layer`."""
+        return f"{self.decoder_layer(layer)}.{part}"
 
     def module(self, name: str) -> nn.Module:
         try:
@@ -396,3 +432,48 @@ def load_model(
     model.to(device)
     logger.info("loaded %s in %.1f s", display_name, time.perf_counter() - started)
     return ModelHandle(model, tokenizer, display_name)
+
+
+def batch_tokens(handle: ModelHandle, pairs: Sequence[EncodedPair]) -> TokenBatch:
+    """Collate encoded pairs with the model's pad token, on the model's device."""
+    return collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)
+
+
+def edit_batch(handle: ModelHandle, prompts: Sequence[str], targets: Sequence[str]) -> TokenBatch:
+    """Tokenise and collate on the model's device, ready for `handle.target_logits`."""
+    return batch_tokens(handle, encode_pairs(handle.tokenizer, prompts, targets))
+
+
+class StopForward(Exception):
+    """Raised from a hook once everything needed is captured, to skip the rest of a forward."""
+
+
+def final_hidden(handle: ModelHandle, batch: TokenBatch) -> torch.Tensor | None:
+    """The base model's final hidden states; None if a hook raised `StopForward`."""
+    try:
+        return handle.model.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+    except StopForward:
+        return None
+
+
+def rng_devices(handle: ModelHandle) -> list[int]:
+    """The CUDA devices whose random state `torch.random.fork_rng` must save for this model."""
+    device = handle.device
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def sampling_config(tokenizer, top_k: int, length: int) -> GenerationConfig:
+    """Top-k sampling of exactly `length` new tokens."""
+    return GenerationConfig(
+        do_sample=True,
+        top_k=top_k,
+        max_new_tokens=length,
+        min_new_tokens=length,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )

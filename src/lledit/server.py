@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from importlib.metadata import version
 from typing import Annotated, Any
 
 import uvicorn
@@ -28,11 +29,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lledit import __version__
 from lledit.data.request import MAX_PROMPT_CHARS, MAX_TARGET_CHARS, EditRequest, InvalidEditError
+from lledit.edit import NonFiniteUpdateError
 from lledit.eval.scoring import score_pairs
 from lledit.journal import APPLIED, BatchRecord, JournaledModel, JournalError
-from lledit.methods.base import NonFiniteUpdateError
 from lledit.model import ModelHandle
 from lledit.tokens import join
 
@@ -325,7 +325,7 @@ def create_app(
 
     app = FastAPI(
         title="lledit",
-        version=__version__,
+        version=version("lledit"),
         description="Lifelong knowledge editing of a served model: every edit is journaled.",
         exception_handlers={RequestValidationError: _validation_error},
     )

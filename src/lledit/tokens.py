@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 
 from lledit.data.request import EditRequest
-
-if TYPE_CHECKING:
-    from lledit.model import ModelHandle
 
 
 @dataclass
@@ -154,13 +150,3 @@ def collate(pairs: Sequence[EncodedPair], pad_id: int, padding_side: str = "righ
         target_ids=torch.tensor(target_ids, dtype=torch.long),
         target_lengths=[len(pair.ids) - pair.target_start for pair in pairs],
     )
-
-
-def batch_tokens(handle: ModelHandle, pairs: Sequence[EncodedPair]) -> TokenBatch:
-    """Collate encoded pairs with the model's pad token, on the model's device."""
-    return collate(pairs, handle.tokenizer.pad_token_id).to(handle.device)
-
-
-def edit_batch(handle: ModelHandle, prompts: Sequence[str], targets: Sequence[str]) -> TokenBatch:
-    """Tokenise and collate on the model's device, ready for `handle.target_logits`."""
-    return batch_tokens(handle, encode_pairs(handle.tokenizer, prompts, targets))

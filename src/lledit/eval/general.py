@@ -164,6 +164,7 @@ class GeneralConfig:
     """Which tasks, how many items, how many shots."""
 
     tasks: tuple[str, ...] = tuple(TASKS)
+    """The task sets scored; all eight by default (names in `TASKS`)."""
     items: int = 100
     """Scored items per task: one moves a binary task's accuracy by 0.01. All
     eight tasks at 100 items take about 5 minutes per scoring of the default
@@ -173,6 +174,7 @@ class GeneralConfig:
     perplexity_sentences: int = 200
     """Natural sentences (a fixed sample of the tasks' text) that perplexity is taken on."""
     seed: int = 0
+    """Seed of the items and shots drawn from each task (each task its own stream)."""
     batch_size: int = 16
     """Sequences per forward pass; k-shot prompts are long."""
 

@@ -14,19 +14,19 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lledit import __version__
+from lledit import progress
 from lledit.data.request import EditRequest
+from lledit.edit import EditMethod
 from lledit.eval.answers import ANSWER_MARGIN_TOKENS, answer_reference, evaluate_answers
 from lledit.eval.general import GeneralSuite, config_dict, retention, score_general
 from lledit.eval.metrics import evaluate, locality_reference
 from lledit.eval.scoring import DEFAULT_EVAL_BATCH_SIZE
-from lledit.methods.base import EditMethod
 from lledit.model import ModelHandle
 from lledit.tokens import in_chat_template, with_eos
 
@@ -72,17 +72,6 @@ def _peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        transient=False,
-    )
 
 
 def _general_point(scores: dict[str, Any]) -> dict[str, float]:
@@ -158,7 +147,6 @@ def run_lifelong(
     chat_template: bool = False,
     general: GeneralSuite | None = None,
     general_before: dict[str, Any] | None = None,
-    show_progress: bool = True,
 ) -> LifelongResult:
     """Edit `handle` with every request, `batch_size` at a time, in order.
 
@@ -209,10 +197,7 @@ def run_lifelong(
 
     curve = []
     headline = "efficacy" if scoring != "answer" else "efficacy_em"
-    with _progress() as progress:
-        task = progress.add_task(
-            f"{method.name}: editing", total=len(batches), status="", visible=show_progress
-        )
+    with progress.task(f"{method.name}: editing", total=len(batches)) as task:
         applied = 0
         for number, batch in enumerate(batches, start=1):
             started = time.perf_counter()
@@ -227,8 +212,8 @@ def run_lifelong(
                     point.update(_general_point(score_general(handle, general)))
                 curve.append(point)
                 timing["eval_s"] += time.perf_counter() - started
-                progress.update(task, status=f"{headline} {metrics[headline]:.3f}")
-            progress.advance(task)
+                task.update(status=f"{headline} {metrics[headline]:.3f}")
+            task.advance()
 
     started = time.perf_counter()
     metrics, per_edit = score(len(requests))
@@ -259,7 +244,7 @@ def run_lifelong(
             {"id": request.id, **scores} for request, scores in zip(requests, per_edit, strict=True)
         ],
         environment={
-            "lledit": __version__,
+            "lledit": version("lledit"),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "device": str(handle.device),

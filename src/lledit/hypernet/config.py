@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lledit import checks
 from lledit.hypernet.network import ModuleShape
 from lledit.model import ModelHandle
-
-PARTS = ("mlp_in", "mlp_out", "mlp")
 
 
 @dataclass
@@ -16,14 +15,20 @@ class HypernetTrainConfig:
     """How a hypernetwork editor is built and trained; the defaults suit SmolLM2-135M."""
 
     layers: str | None = None
-    """Decoder layers to edit, e.g. "22-27" or "20,22"; None: `default_layers`."""
+    """Edited decoder layers, e.g. "21-26" (see `lledit.layers.parse_layers`);
+    None: the `upper` band (21-26 of 30)."""
     part: str = "mlp_out"
-    """Which MLP weights: `mlp_in` (gate/up or c_fc), `mlp_out` (down or c_proj), `mlp` (both)."""
+    """The weights edited in each layer (see `lledit.layers.PARTS`)."""
     rank: int = 64
+    """Width of the network's low-rank blocks; 64 is MEND's choice, ample for
+    SmolLM2's 576/1536-wide keys and gradients."""
     n_blocks: int = 2
+    """Residual blocks of the network, as in MEND."""
     steps: int = 400
     """Optimizer steps."""
     batch_size: int = 10
+    """Edits per training batch: the benchmark's batch size, so the network is
+    trained on what it will edit."""
     trajectory_length: int = 1
     """T: batches applied in sequence before the model is restored."""
     backtrack_depth: int = 1
@@ -33,6 +38,8 @@ class HypernetTrainConfig:
     discount: float = 1.0
     """The loss after batch t of a trajectory is weighted discount^t."""
     locality_weight: float = 10.0
+    """Weight of the KL from the previous weights on unrelated prompts (MEND's
+    and MALMEN's 10; RLEdit's 100, docs/methods/rledit.md)."""
     drift_weight: float = 0.0
     """Weight of the KL from the original model (not the previous weights) on
     the same locality prompts, which judges the change a trajectory has added
@@ -44,9 +51,12 @@ class HypernetTrainConfig:
     locality_tokens: int = 4
     """Locality answers are judged on at most this many leading tokens (long answers cost time)."""
     l2_weight: float = 0.0
+    """Weight of the update's squared size in the loss; 0: none, as in MEND and
+    MALMEN."""
     step_every: int | None = None
     """Optimizer step every this many batches of a trajectory; None: once per trajectory."""
     meta_lr: float = 1e-3
+    """Adam learning rate of the network."""
     scalar_lr: float = 2e-2
     """Learning rate of the per-module log step size and log ridge."""
     initial_step: float = 0.1
@@ -61,71 +71,35 @@ class HypernetTrainConfig:
     key_samples: int = 20000
     """Keys the statistics of `key_ridge` average over (cached once per model)."""
     warmup_batches: int = 10
+    """Batches whose keys and gradients fill the input normaliser and scale the
+    step size and ridge to the model before training."""
     grad_clip: float = 1.0
+    """Largest norm of the network's gradient per optimizer step."""
     checkpoint_every: int = 50
+    """Steps between checkpoints (`--resume` continues from the last)."""
     validation_edits: int = 100
+    """Held-out training edits applied in sequence after training, written to
+    `validation.json`."""
     seed: int = 0
+    """Seed of the network's initialisation and of the order of training edits."""
 
     def __post_init__(self) -> None:
-        if self.part not in PARTS:
-            raise ValueError(f"part must be one of {PARTS}, not {self.part!r}")
-        positive = ("rank", "n_blocks", "steps", "batch_size", "trajectory_length")
-        for name in (
-            *positive,
-            "backtrack_depth",
-            "checkpoint_every",
-            "locality_tokens",
-            "key_samples",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.step_every is not None and self.step_every < 1:
-            raise ValueError(f"step_every must be at least 1, got {self.step_every}")
-        if not (self.initial_step > 0 and self.initial_ridge > 0):
-            raise ValueError(
-                f"initial_step and initial_ridge must be positive, "
-                f"got {self.initial_step}, {self.initial_ridge}"
-            )
-        if self.validation_edits < 0 or self.warmup_batches < 0:
-            raise ValueError("validation_edits and warmup_batches cannot be negative")
+        checks.at_least(
+            self, 1, "rank", "n_blocks", "steps", "batch_size", "trajectory_length",
+            "backtrack_depth", "checkpoint_every", "locality_tokens", "key_samples", "step_every",
+        )  # fmt: skip
+        checks.at_least(self, 0, "validation_edits", "warmup_batches")
+        checks.positive(self, "initial_step", "initial_ridge")
 
     @property
     def steps_per_trajectory(self) -> int:
         return math.ceil(self.trajectory_length / (self.step_every or self.trajectory_length))
 
 
-def default_layers(handle: ModelHandle) -> list[int]:
-    """The upper layers a hypernetwork edits by default: 21-26 on a 30-layer model."""
-    n = handle.num_layers
-    first, last = int(0.73 * n), max(int(0.73 * n) + 1, int(0.93 * n))
-    return list(range(first, min(last, n)))
-
-
-def parse_layers(text: str, n_layers: int) -> list[int]:
-    layers: list[int] = []
-    for part in text.split(","):
-        start, dash, end = part.strip().partition("-")
-        try:
-            chosen = range(int(start), int(end) + 1) if dash else [int(start)]
-        except ValueError:
-            raise ValueError(f"layers {text!r}: write them like '22-27' or '20,22'") from None
-        layers.extend(chosen)
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers {text!r}: the model has layers 0-{n_layers - 1}")
-    return sorted(set(layers))
-
-
 def edited_modules(handle: ModelHandle, config: HypernetTrainConfig) -> list[ModuleShape]:
-    layers = (
-        parse_layers(config.layers, handle.num_layers) if config.layers else default_layers(handle)
-    )
-    arch = handle.arch
-    parts = {"mlp_in": arch.mlp_in, "mlp_out": (arch.mlp_out,), "mlp": (*arch.mlp_in, arch.mlp_out)}
+    """The modules `config` names on this model, with their shapes."""
     modules = []
-    for layer in layers:
-        for part in parts[config.part]:
-            name = handle.layer_module(layer, part)
-            d_out, d_in = handle.weight_of(name).shape
-            modules.append(ModuleShape(name, d_out, d_in))
+    for name in handle.edited_modules(config.layers, config.part, "upper"):
+        d_out, d_in = handle.weight_of(name).shape
+        modules.append(ModuleShape(name, d_out, d_in))
     return modules

@@ -9,13 +9,12 @@ from typing import Any, ClassVar
 import torch
 
 from lledit.data.request import EditRequest
+from lledit.edit import WeightDelta, apply_weight_deltas
 from lledit.hypernet.capture import capture_gradients
 from lledit.hypernet.checkpoint import check_fits, load_network, read_meta
 from lledit.hypernet.held_keys import HeldKeys
 from lledit.hypernet.network import Hypernetwork
-from lledit.methods.base import WeightDelta, apply_weight_deltas
-from lledit.model import ModelHandle
-from lledit.tokens import edit_batch
+from lledit.model import ModelHandle, edit_batch
 
 
 @dataclass
@@ -59,6 +58,7 @@ class HypernetEditor:
         HeldKeys.check(self.update_rule, self.config.earlier_keys_weight)
         self.meta = read_meta(self.config.checkpoint)
         check_fits(self.meta, self.name, handle.name, self._shapes(self.meta))
+        self.modules = [module["name"] for module in self.meta["modules"]]
         self.held: HeldKeys | None = None
         """The keys of the batches applied so far (with `earlier_keys_weight`)."""
 
@@ -78,6 +78,7 @@ class HypernetEditor:
         editor.handle, editor.config, editor.meta = handle, cls.config_class(), {}
         editor.held = None
         editor.network = network.eval()
+        editor.modules = list(network.module_names)
         return editor
 
     def prepare(self) -> None:
@@ -87,7 +88,7 @@ class HypernetEditor:
 
     def config_dict(self) -> dict[str, Any]:
         trained = self.meta.get("train_config", {})
-        return {**asdict(self.config), "trained_with": trained}
+        return {**asdict(self.config), "modules": self.modules, "trained_with": trained}
 
     def apply(self, batch: Sequence[EditRequest]) -> WeightDelta:
         if not batch:

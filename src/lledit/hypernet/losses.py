@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from lledit.hypernet.capture import sequence_losses
-from lledit.model import ModelHandle
-from lledit.tokens import EncodedPair, batch_tokens
+from lledit.model import ModelHandle, batch_tokens
+from lledit.tokens import EncodedPair
 
 
 @dataclass

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lledit import progress
 from lledit.data.request import EditRequest
+from lledit.edit import add_weight_deltas
 from lledit.eval.lifelong import LifelongResult, run_lifelong
 from lledit.hypernet.capture import capture_gradients
 from lledit.hypernet.checkpoint import (
@@ -48,10 +49,9 @@ from lledit.hypernet.losses import (
     weighted_loss,
 )
 from lledit.hypernet.network import Hypernetwork
-from lledit.locate import key_covariances
-from lledit.methods.base import add_weight_deltas
-from lledit.model import ModelHandle
-from lledit.tokens import EncodedPair, batch_tokens, encode_pairs
+from lledit.model import ModelHandle, batch_tokens
+from lledit.stats import key_covariances
+from lledit.tokens import EncodedPair, encode_pairs
 
 VALIDATION_FILE = "validation.json"
 
@@ -340,30 +340,22 @@ class HypernetTrainer:
         self.elapsed_s = meta["elapsed_s"]
         self.losses = meta["losses"]
 
-    def train(self, *, show_progress: bool = True) -> None:
+    def train(self) -> None:
         config = self.config
         trajectories = math.ceil(config.steps / config.steps_per_trajectory)
         save_every = max(1, config.checkpoint_every // config.steps_per_trajectory)
         if self.steps_done == 0:
             self._warm_up()
         self.network.train()
-        progress = Progress(
-            TextColumn(f"[bold]{self.method}: training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[losses]}"),
-            TimeElapsedColumn(),
-            disable=not show_progress,
-        )
-        with progress:
-            task = progress.add_task("", total=config.steps, completed=self.steps_done, losses="")
+        description = f"{self.method}: training"
+        with progress.task(description, total=config.steps, completed=self.steps_done) as task:
             while self.trajectories_done < trajectories:
                 started = time.perf_counter()
-                self._run_trajectory(self.trajectories_done, lambda: progress.advance(task))
+                self._run_trajectory(self.trajectories_done, task.advance)
                 self.elapsed_s += time.perf_counter() - started
                 last = self.losses[-1]
-                progress.update(
-                    task, losses=f"rephrase {last['rephrase']:.3f} locality {last['locality']:.4f}"
+                task.update(
+                    status=f"rephrase {last['rephrase']:.3f} locality {last['locality']:.4f}"
                 )
                 if self.trajectories_done % save_every == 0:
                     self.save()
@@ -375,7 +367,6 @@ class HypernetTrainer:
         requests: Sequence[EditRequest],
         *,
         dataset: dict[str, Any] | None = None,
-        show_progress: bool = True,
     ) -> LifelongResult:
         """The current network edits `requests` in sequence, as at test time, and
         the final model is scored; the model is restored afterwards."""
@@ -387,19 +378,17 @@ class HypernetTrainer:
                 requests,
                 self.config.batch_size,
                 dataset=dataset,
-                show_progress=show_progress,
             )
         finally:
             self._restore()
 
-    def validate(self, *, show_progress: bool = True) -> dict[str, Any]:
+    def validate(self) -> dict[str, Any]:
         """The lifelong protocol on the held-out training edits; written to `validation.json`."""
         if not self.validation_requests:
             return {}
         result = self.edit_sequence(
             self.validation_requests,
             dataset={"name": "held-out training edits", **self.data_info},
-            show_progress=show_progress,
         )
         report = {
             "n_edits": result.n_edits,

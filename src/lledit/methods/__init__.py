@@ -8,15 +8,8 @@ import types
 import typing
 from typing import Any
 
+from lledit.edit import EditMethod
 from lledit.methods.alphaedit import AlphaEdit, AlphaEditConfig
-from lledit.methods.base import (
-    AppliedEdit,
-    EditMethod,
-    NonFiniteUpdateError,
-    WeightDelta,
-    apply_weight_deltas,
-    edits_weights,
-)
 from lledit.methods.elder import ElderConfig, ElderEditor
 from lledit.methods.ft import FineTune, FTConfig
 from lledit.methods.grace import GRACE, GRACEConfig
@@ -130,8 +123,6 @@ __all__ = [
     "METHODS",
     "AlphaEdit",
     "AlphaEditConfig",
-    "AppliedEdit",
-    "EditMethod",
     "ElderConfig",
     "ElderEditor",
     "FTConfig",
@@ -139,13 +130,9 @@ __all__ = [
     "GRACEConfig",
     "MEMITConfig",
     "NoEdit",
-    "NonFiniteUpdateError",
     "RLEdit",
     "UnknownMethodError",
-    "WeightDelta",
-    "apply_weight_deltas",
     "config_fields",
-    "edits_weights",
     "make_editor",
     "method_class",
     "parse_settings",

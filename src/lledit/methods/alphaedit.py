@@ -16,10 +16,44 @@ from typing import Any, ClassVar
 
 import torch
 
+from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.locate import LocateConfig, Locator, alphaedit_delta, null_space_projection
-from lledit.methods.base import WeightDelta, apply_weight_deltas
+from lledit.edit import WeightDelta, apply_weight_deltas
+from lledit.locate import LocateConfig, Locator
 from lledit.model import ModelHandle
+
+
+def null_space_projection(covariance: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P onto the eigenvectors of C whose eigenvalues are below `threshold` times the largest.
+
+    Keys of ordinary text lie in the span of the large eigenvalues, so an
+    update multiplied by P leaves their outputs (almost) unchanged. The
+    threshold is relative, so it means the same whatever the scale of the keys.
+    """
+    values, vectors = torch.linalg.eigh(covariance.double())
+    kept = vectors[:, values < threshold * values.max()]
+    return (kept @ kept.T).float()
+
+
+def alphaedit_delta(
+    residual: torch.Tensor,
+    keys: torch.Tensor,
+    projection: torch.Tensor,
+    past: torch.Tensor,
+    l2: float,
+) -> torch.Tensor:
+    """ΔW = R Kᵀ P ((K_p K_pᵀ + K Kᵀ) P + l2·I)⁻¹ P (AlphaEdit), in float64, returned in float32.
+
+    `past` is K_p K_pᵀ, the keys of earlier edits. The result minimises
+    ‖ΔW K - R‖² + ‖ΔW K_p‖² + l2‖ΔW‖² over updates of the form ΔW P, so keys
+    outside P's range are left exactly alone and earlier edits' keys are
+    disturbed as little as the new fit allows.
+    """
+    k = keys.double()
+    p = projection.to(k)
+    identity = torch.eye(len(p), dtype=k.dtype, device=k.device)
+    system = p @ (past.to(k) + k @ k.T) + l2 * identity
+    return (torch.linalg.solve(system, p @ k @ residual.double().T).T @ p).float()
 
 
 @dataclass
@@ -28,18 +62,15 @@ class AlphaEditConfig(LocateConfig):
 
     null_space_threshold: float = 1e-2
     """Eigen-directions of C₀ with eigenvalues below this fraction of the largest
-    form the null space the update may use (to be confirmed by measurement)."""
+    form the null space the update may use; not swept on this model
+    (docs/methods/alphaedit.md)."""
     l2: float = 10.0
     """Weight of ‖ΔW‖² in the objective (AlphaEdit's identity term)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.null_space_threshold <= 1:
-            raise ValueError(
-                f"null_space_threshold must be in (0, 1], got {self.null_space_threshold}"
-            )
-        if not self.l2 > 0:
-            raise ValueError(f"l2 must be positive, got {self.l2}")
+        checks.fraction(self, "null_space_threshold")
+        checks.positive(self, "l2")
 
 
 class AlphaEdit:

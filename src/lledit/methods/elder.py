@@ -15,36 +15,13 @@ the loss knows the allocation. At inference an input whose allocation code
 radius of an edit's code (Hamming distance to the nearest one not below ε)
 goes through the untouched model, bit for bit.
 
-Departures from the paper, measured on SmolLM2-135M with zsRE edits in
-batches of 10 (`benchmarks/elder_defaults.py`):
-
-* After its batch, an edit's allocation is the LoRAs it was trained
-  through, not its random draw: the guided loss (λ = 0.01) moves the routers
-  little within one batch, and on SmolLM2 only 7% of the edits' layer choices
-  matched the draw when training stopped. Holding the routers to the draw
-  afterwards took edits away from the LoRAs that had learned them: on 200
-  zsRE edits, efficacy_exact 0.64 and generalization_exact 0.12, against
-  0.73 and 0.31 with the trained-through LoRAs as allocations. The cost,
-  with the router fit below: prompts that share an edit's relation route
-  like it too, and over 1000 CounterFact edits locality on its
-  neighbourhood prompts fell from 0.83 to 0.17.
-* The editor keeps each edit's query and allocation, and derives the codes
-  from the current routers. Later batches retrain the routers; after each,
-  the routers alone are fitted (`router_steps`, no model pass) until every
-  held query picks its allocation again.
-* Each batch trains together with `replay` earlier edits, taken in turn
-  (towards their own allocations), and the guided loss also runs on every
-  held edit's stored query (`anchor_weight`). The LoRAs are shared by every
-  edit, and without rehearsal each batch overwrote the ones before it:
-  efficacy_exact fell from 1.0 right after a batch to 0.28 five batches later.
-* The query comes from layer 8 of 30, not from just below the adapted
-  layers: after 1000 zsRE edits it raised generalization_exact from 0.31 to
-  0.39 (ε = 4), at efficacy_exact 0.83 against 0.85.
-* N defaults to 8 LoRAs per layer, not 4, of rank 32, not 8, and ε to 4
-  of the 48 code bits, not 12 of 24. Over 1000 edits the 4-LoRA codes
-  crowded: with 6 choices per layer, 1000 edits' codes and their neighbours
-  covered much of the code space, and unrelated inputs landed near one
-  (locality 0.77 at ε = 4).
+Departures from the paper (docs/methods/elder.md has the measurements):
+after its batch an edit's allocation is the LoRAs it was trained through,
+not its random draw; the routers are refitted to every held edit's query
+after each batch (`router_steps`); each batch rehearses earlier edits
+(`replay`, `anchor_weight`); the query comes from a lower layer
+(`query_layer`); and N, r and ε are larger (8 LoRAs of rank 32, ε = 4 of 48
+code bits).
 
 The adapters are forward hooks on the projections, owned by the editor: the
 model's modules, weights and state dict stay as they were.
@@ -67,11 +44,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.locate import parse_layers
-from lledit.methods.base import NonFiniteUpdateError
-from lledit.model import ModelHandle, SequenceWatch, hidden_of
-from lledit.tokens import edit_batch
+from lledit.edit import NonFiniteUpdateError
+from lledit.model import ModelHandle, SequenceWatch, edit_batch, hidden_of
 
 logger = logging.getLogger(__name__)
 
@@ -84,114 +60,68 @@ class ElderConfig:
     """Settings of ELDER; the defaults suit SmolLM2-135M (30 layers, hidden 576)."""
 
     layers: str | None = None
-    """Adapted decoder layers, "21-26" or "21,22"; None: six consecutive
-    upper-middle layers from 70% depth (21-26 of 30, the paper's Llama-2 choice)."""
-    part: str | None = None
-    """The projection adapted in each layer; None: the MLP output projection
-    (`mlp.down_proj`; GPT-2 `mlp.c_proj`)."""
+    """Adapted decoder layers, e.g. "21-26" (see `lledit.layers.parse_layers`);
+    None: the `upper` band (21-26 of 30, the paper's Llama-2 choice)."""
+    part: str = "mlp_out"
+    """The projection adapted in each layer (see `lledit.layers.PARTS`); it
+    must name one module per layer."""
     query_layer: int | None = None
     """Decoder layer whose output at the last prompt token is the routers'
-    query; None: the layer at 28% depth (8 of 30 on SmolLM2), or the one just
-    below the first adapted layer if that is lower. After 1000 zsRE edits
-    (ε = 4, rank 16), layer 8 / 20 gave efficacy_exact 0.83 / 0.85,
-    generalization_exact 0.39 / 0.31 and locality 1.00 / 1.00, at 1.71 /
-    2.10 s per edit. From the lower layer more rephrases pass even a tight
-    deferral: at ε = 2, generalization_exact 0.34 against 0.18. Over 1000
-    CounterFact edits it cost a little: generalization 0.48 against 0.52,
-    locality 0.06 against 0.10."""
+    query; None: the layer at 28% depth (8 of 30), or the one just below the
+    first adapted layer if that is lower. Lower than the paper's choice, so
+    that more rephrases pass the deferral (docs/methods/elder.md)."""
     n_loras: int = 8
-    """N: LoRAs per adapted layer. Measured before `router_steps` existed: the
-    paper's 4 give each layer 6 codes; after 1000 zsRE edits (rank 8, ε = 4),
-    efficacy_exact 0.41, generalization_exact 0.18 and locality 0.77. With 8
-    (28 codes per layer), rank 8 and ε = 8: 0.48, 0.16 and 0.96. On 200 edits
-    4 did better (efficacy_exact 0.68 against 0.54)."""
+    """N: LoRAs per adapted layer. 8 rather than the paper's 4, whose few codes
+    crowded over 1000 edits (docs/methods/elder.md)."""
     rank: int = 32
-    """r: rank of each LoRA. After 1000 zsRE edits (N = 8, ε = 6, before
-    `router_steps` existed), the paper's 8 / 16 gave efficacy_exact 0.475 /
-    0.488, generalization_exact 0.110 / 0.153 and locality 0.998 / 0.987;
-    16 edited in 0.9 times the time. With the other defaults (ε = 4), 32
-    gave 0.909, 0.425 and 1.000 at 2.35 s per edit; 16, with the rehearsed
-    edits then drawn at random, 0.833, 0.385 and 1.000 at 1.71 s."""
+    """r: rank of each LoRA. 32 rather than the paper's 8: higher
+    efficacy and generalization over 1000 edits (docs/methods/elder.md)."""
     top_k: int = 2
     """k: LoRAs each layer adds for one sequence."""
     guide_weight: float = 0.01
     """λ: weight of the guided loss -Σ log s_j over each edit's allocation."""
     deferral_radius: int = 4
     """ε: an input uses the adapters when the Hamming distance from its
-    allocation code to the nearest edit's code is below ε. After 1000 zsRE
-    edits with the defaults, ε = 2 / 4 / 6 / 8 / 12 gave generalization_exact
-    0.41 / 0.43 / 0.43 / 0.43 / 0.43 and locality 1.00 / 1.00 / 1.00 / 0.99 /
-    0.84 (`benchmarks/elder_defaults.py`); the paper's 12 lets many
-    unrelated inputs through."""
+    allocation code to the nearest edit's code is below ε. 4 of 48 bits kept
+    locality at 1.0 on zsRE; larger radii let unrelated inputs through
+    (docs/methods/elder.md)."""
     steps: int = 50
     """Most Adam iterations per edit batch."""
     early_stop: float = 0.95
     """Training of a batch stops once the geometric mean probability of the new
     edits' target tokens, and that of the rehearsed edits', each reach this;
-    1: run every step. Stopping at 0.9 instead of running all 50 steps cut the
-    edit time by 60% and changed the LoRAs less per batch, so earlier edits
-    held better. Judged as one mean, the rehearsed edits (most of the pairs,
-    already learned) carried it past 0.9 early; judged apart, on 200 zsRE
-    edits efficacy_exact rose from 0.81 to 0.83 (newest quarter 0.72 to
-    0.76). After 1000 zsRE edits (ε = 4, query from layer 20), 0.9 / 0.95
-    gave efficacy_exact 0.82 / 0.85, generalization_exact 0.29 / 0.31 and
-    locality 1.00 / 1.00, at 1.85 / 2.10 s per edit."""
+    1: run every step. Stopping early changes the LoRAs less per batch, so
+    earlier edits hold better (docs/methods/elder.md)."""
     replay: int = 60
     """Earlier edits rehearsed with each new batch, taken in turn from every
     edit still held, so that none waits longer than the others; 0: none, as
-    in the paper. After 1000 zsRE edits (rank 32, ε = 4, each batch trained
-    until all its target tokens were predicted, a rule not kept), taking
-    them in turn rather than at random raised efficacy_exact from 0.82 to
-    0.89, at generalization_exact 0.38 against 0.43; edits drawn at random
-    can wait long, and the oldest tenth ended at 0.87, the newest but one at
-    0.73. Earlier, with rank 16 and edits drawn at random: 30 / 60
-    gave efficacy_exact 0.67 / 0.82, generalization_exact 0.24 / 0.29 and
-    locality 0.99 / 1.00 (ε = 4, `early_stop` 0.9, query from layer 20; 30
-    with the early stop judged on all pairs together), at 1.09 / 1.85 s per
-    edit."""
+    in the paper, where each batch overwrote the shared LoRAs
+    (docs/methods/elder.md)."""
     anchor_weight: float = 1.0
     """Weight of the guided loss on every held edit's stored query (no model
     pass needed), which keeps the routers sending earlier edits to their
-    allocations while a batch trains; 0: none, as in the paper. On 200 zsRE
-    edits (N = 4, ε = 4) it raised locality from 0.90 to 0.96 at the same
-    efficacy; with `router_steps` (N = 8) it kept generalization_exact at
-    0.38, against 0.19 without it."""
+    allocations while a batch trains; 0: none, as in the paper."""
     lr: float = 5e-3
     """Adam learning rate. The paper's 1e-4 was for 7B models; LoRA B starts
-    at zero, and a small model needs a larger rate. On 200 zsRE edits (N = 4,
-    ε = 4), 2e-3 / 5e-3 / 1e-2 gave efficacy_exact 0.69 / 0.70 / 0.65 and
-    generalization_exact 0.16 / 0.32 / 0.32 at the same locality (0.98)."""
+    at zero, and a small model needs a larger rate (docs/methods/elder.md)."""
     router_steps: int = 300
     """After each batch, at most this many Adam steps on the routers alone (no
     model pass) until every held edit's query again picks the LoRAs it was
-    trained through; 0: none. On 200 zsRE edits (ε = 6) it raised
-    efficacy_exact from 0.73 to 0.81 and generalization_exact from 0.31 to
-    0.38; without it 26% of the edits' layer choices had drifted by the end."""
+    trained through; 0: none. Without it, edits' layer choices drift as
+    later batches retrain the routers."""
     seed: int = 0
     """Seed of the LoRA and router initialisation and of the edits' allocations."""
 
     def __post_init__(self) -> None:
-        for name in ("n_loras", "rank", "top_k", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
-            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
-        for name in ("replay", "router_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        checks.at_least(self, 1, "n_loras", "rank", "top_k", "steps", "deferral_radius")
+        checks.non_negative(self, "anchor_weight", "guide_weight", "replay", "router_steps")
+        checks.positive(self, "lr")
+        checks.fraction(self, "early_stop")
         if self.top_k > self.n_loras:
             raise ValueError(
                 f"top_k ({self.top_k}) cannot exceed n_loras ({self.n_loras}): "
                 "each layer picks k of its N LoRAs"
             )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 < self.early_stop <= 1:
-            raise ValueError(f"early_stop must be in (0, 1], got {self.early_stop}")
-        if not (math.isfinite(self.guide_weight) and self.guide_weight >= 0):
-            raise ValueError(f"guide_weight must be >= 0, got {self.guide_weight}")
-        if self.deferral_radius < 1:
-            raise ValueError(f"deferral_radius must be at least 1, got {self.deferral_radius}")
 
 
 def _lowest_mean_probability(token_losses: torch.Tensor, new_tokens: torch.Tensor) -> float:
@@ -199,12 +129,6 @@ def _lowest_mean_probability(token_losses: torch.Tensor, new_tokens: torch.Tenso
     edits, which `ElderConfig.early_stop` judges apart."""
     groups = [token_losses[new_tokens], token_losses[~new_tokens]]
     return min(math.exp(-group.mean().item()) for group in groups if group.numel())
-
-
-def default_layers(num_layers: int) -> tuple[int, ...]:
-    """Six consecutive layers from 70% depth (21-26 of 30), leaving one below for the query."""
-    first = min(max(1, int(0.7 * num_layers)), num_layers - 1)
-    return tuple(range(first, min(first + 6, num_layers)))
 
 
 def default_query_layer(num_layers: int, first_adapted: int) -> int:
@@ -335,10 +259,13 @@ class ElderEditor:
     def _resolve(self, config: ElderConfig) -> tuple[tuple[int, ...], int, list[str]]:
         """The adapted layers, the query layer and the adapted modules `config` names."""
         handle = self.handle
-        if config.layers is None:
-            layers = default_layers(handle.num_layers)
-        else:
-            layers = parse_layers(config.layers, handle.num_layers)
+        modules = handle.edited_modules(config.layers, config.part, "upper")
+        layers = tuple(sorted({handle.layer_of(module) for module in modules}))
+        if len(modules) != len(layers):
+            raise ValueError(
+                f"part {config.part!r} names {len(modules) // len(layers)} modules per layer; "
+                "ELDER adapts one per layer"
+            )
         query_layer = config.query_layer
         if query_layer is None:
             query_layer = default_query_layer(handle.num_layers, layers[0])
@@ -347,8 +274,7 @@ class ElderEditor:
                 f"query_layer must lie below every adapted layer (0-{layers[0] - 1}), "
                 f"got {query_layer}"
             )
-        part = config.part or handle.arch.mlp_out
-        return layers, query_layer, [handle.layer_module(layer, part) for layer in layers]
+        return layers, query_layer, modules
 
     def _tensor_shapes(
         self, config: ElderConfig, modules: list[str], edits: int
@@ -391,7 +317,7 @@ class ElderEditor:
         self._rehearsal_start = 0
         self._codes: torch.Tensor | None = None
         self._watch = SequenceWatch(handle)
-        query = handle.module(f"{handle.arch.layers}.{query_layer}")
+        query = handle.module(handle.decoder_layer(query_layer))
         self._hooks = [query.register_forward_hook(self._on_query)]
         for position, name in enumerate(modules):
             self._hooks.append(
@@ -518,7 +444,7 @@ class ElderEditor:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             captured.append(hidden[rows, ends].float())
 
-        query = self.handle.module(f"{self.handle.arch.layers}.{self.query_layer}")
+        query = self.handle.module(self.handle.decoder_layer(self.query_layer))
         hook = query.register_forward_hook(capture)
         try:
             self.handle.model.base_model(**encoded, use_cache=False)

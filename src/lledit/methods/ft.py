@@ -1,4 +1,4 @@
-"""FT-L: constrained fine-tuning of one MLP weight on the edit loss.
+"""FT-L: constrained fine-tuning of a few weights (by default one MLP projection) on the edit loss.
 
 The change is trained as a separate delta attached by a forward hook, so the
 model's weights are untouched until the finished, checked delta is added in
@@ -15,73 +15,67 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.methods.base import WeightDelta, apply_weight_deltas
-from lledit.model import ModelHandle
-from lledit.tokens import edit_batch
+from lledit.edit import WeightDelta, added_deltas, apply_weight_deltas
+from lledit.model import ModelHandle, edit_batch
 
 
 @dataclass
 class FTConfig:
     """Settings of FT-L; the defaults suit SmolLM2-135M."""
 
-    layer: int | None = None
-    """Decoder layer whose MLP output projection is tuned; None: the middle of
-    the model's default edit layers (21 of 30 on SmolLM2-135M)."""
-    module: str | None = None
-    """Full module name to tune instead of `layer` (e.g. `model.layers.3.mlp.up_proj`)."""
+    layers: str | None = None
+    """Tuned decoder layers, e.g. "21" or "20-22" (see `lledit.layers.parse_layers`);
+    None: the first layer of the `upper` band (21 of 30)."""
+    part: str = "mlp_out"
+    """The weights tuned in each layer (see `lledit.layers.PARTS`)."""
     steps: int = 15
+    """Adam steps per batch; chosen with `lr` and `norm_bound` by the sweep in
+    `benchmarks/ft_defaults.py` (docs/methods/ft.md)."""
     lr: float = 5e-3
+    """Adam learning rate of the delta."""
     norm_bound: float = 1e-2
     """Largest change allowed to any single weight entry."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if not (self.lr > 0 and self.norm_bound > 0):
-            raise ValueError(
-                f"lr and norm_bound must be positive, got {self.lr}, {self.norm_bound}"
-            )
+        checks.at_least(self, 1, "steps")
+        checks.positive(self, "lr", "norm_bound")
 
 
 class FineTune:
     name: ClassVar[str] = "ft"
-    description: ClassVar[str] = "FT-L: fine-tune one MLP weight, change bounded per entry"
+    description: ClassVar[str] = "FT-L: fine-tune an MLP weight, change bounded per entry"
     config_class: ClassVar[type] = FTConfig
 
     def __init__(self, handle: ModelHandle, config: FTConfig | None = None) -> None:
         self.handle = handle
         self.config = config or FTConfig()
-        if self.config.module is not None:
-            self.module_name = self.config.module
-        else:
-            layer = self.config.layer
-            if layer is None:
-                layers = handle.default_edit_layers
-                layer = layers[len(layers) // 2]
-            self.module_name = handle.layer_module(layer, handle.arch.mlp_out)
-        handle.weight_of(self.module_name)
+        self.modules = handle.edited_modules(
+            self.config.layers, self.config.part, "upper", first_only=True
+        )
 
     def prepare(self) -> None:
         return None
 
     def config_dict(self) -> dict[str, Any]:
-        return {**asdict(self.config), "module": self.module_name}
+        return {**asdict(self.config), "modules": self.modules}
 
     def apply(self, batch: Sequence[EditRequest]) -> WeightDelta:
         if not batch:
             raise ValueError("an edit batch must hold at least one request")
         tokens = edit_batch(self.handle, [r.prompt for r in batch], [r.target_new for r in batch])
-        weight = self.handle.weight_of(self.module_name)
-        delta = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        delta.requires_grad_(True)
-        optimizer = torch.optim.Adam([delta], lr=self.config.lr)
-
-        def add_delta(module, inputs, output):
-            return output + F.linear(inputs[0], delta.to(inputs[0].dtype))
-
-        hook = self.handle.module(self.module_name).register_forward_hook(add_delta)
-        try:
+        deltas = {
+            name: torch.zeros(
+                self.handle.weight_of(name).shape,
+                device=self.handle.device,
+                dtype=torch.float32,
+                requires_grad=True,
+            )
+            for name in self.modules
+        }
+        optimizer = torch.optim.Adam(deltas.values(), lr=self.config.lr)
+        with added_deltas(self.handle, deltas):
             for _ in range(self.config.steps):
                 optimizer.zero_grad(set_to_none=True)
                 logits = self.handle.target_logits(tokens)
@@ -89,7 +83,8 @@ class FineTune:
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    delta.clamp_(-self.config.norm_bound, self.config.norm_bound)
-        finally:
-            hook.remove()
-        return apply_weight_deltas(self.handle, {self.module_name: delta.detach()})
+                    for delta in deltas.values():
+                        delta.clamp_(-self.config.norm_bound, self.config.norm_bound)
+        return apply_weight_deltas(
+            self.handle, {name: delta.detach() for name, delta in deltas.items()}
+        )

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.methods.base import NonFiniteUpdateError
-from lledit.model import ModelHandle, SequenceWatch
-from lledit.tokens import edit_batch
+from lledit.edit import NonFiniteUpdateError
+from lledit.model import ModelHandle, SequenceWatch, edit_batch
 
 logger = logging.getLogger(__name__)
 
@@ -47,36 +47,29 @@ CONFIG_FILE = "grace.json"
 class GRACEConfig:
     """Settings of GRACE; the defaults suit SmolLM2-135M."""
 
-    layer: int | None = None
-    """Decoder layer whose MLP output projection carries the codebook; None: the
-    middle of the model's default edit layers (21 of 30 on SmolLM2-135M)."""
-    module: str | None = None
-    """Full module name to adapt instead of `layer` (e.g. `model.layers.3.mlp.down_proj`)."""
+    layers: str | None = None
+    """The one decoder layer that carries the codebook, e.g. "21"; None: the
+    first layer of the `upper` band (21 of 30)."""
+    part: str = "mlp_out"
+    """The module of that layer whose output the codebook replaces (see
+    `lledit.layers.PARTS`); it must name one module."""
     radius: float = 10.0
     """ε: the deferral radius of every new entry, a Euclidean distance between
-    keys. Measured on SmolLM2-135M (keys of norm about 15; a zsRE prompt's key
-    lies about 7 from its rephrases' and 10 from other prompts'): 10 kept
-    locality at 1.0 on 50 edits while reaching the rephrases that 1.0 missed;
-    30 lowered locality to 0.58 (`benchmarks/elder_defaults.py`)."""
+    keys. Sized for SmolLM2-135M's keys (norm about 15): it reaches most
+    rephrases and no unrelated prompt (docs/methods/grace.md)."""
     steps: int = 50
     """Most Adam iterations that train the values of one batch."""
     early_stop: float = 0.9
     """Training stops once the geometric mean probability of the batch's target
     tokens reaches this; 1: run every step."""
     lr: float = 0.5
-    """Adam learning rate of the values. On SmolLM2-135M 0.05 left a batch of
-    10 zsRE edits at loss 1.6 after 50 steps (efficacy_exact 0.3); 0.5 fit it
-    (loss 0.003, efficacy_exact 1.0)."""
+    """Adam learning rate of the values; large, since a value vector starts
+    from the layer's output and must move far within `steps`."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 < self.early_stop <= 1:
-            raise ValueError(f"early_stop must be in (0, 1], got {self.early_stop}")
-        if not (math.isfinite(self.radius) and self.radius > 0):
-            raise ValueError(f"radius must be positive, got {self.radius}")
+        checks.at_least(self, 1, "steps")
+        checks.positive(self, "lr", "radius")
+        checks.fraction(self, "early_stop")
 
 
 @dataclass(eq=False)
@@ -117,13 +110,13 @@ class GRACE:
 
     def _resolve(self, config: GRACEConfig) -> str:
         """The module `config` names on this model."""
-        if config.module is not None:
-            return config.module
-        layer = config.layer
-        if layer is None:
-            layers = self.handle.default_edit_layers
-            layer = layers[len(layers) // 2]
-        return self.handle.layer_module(layer, self.handle.arch.mlp_out)
+        modules = self.handle.edited_modules(config.layers, config.part, "upper", first_only=True)
+        if len(modules) != 1:
+            raise ValueError(
+                f"GRACE adapts one module, but layers {config.layers!r} with part "
+                f"{config.part!r} name {len(modules)}: {', '.join(modules)}"
+            )
+        return modules[0]
 
     def _build(self, config: GRACEConfig) -> None:
         handle = self.handle
@@ -133,10 +126,7 @@ class GRACE:
         self.config = config
         self.module_name = module_name
         self.key_width, self.value_width = d_in, d_out
-        try:
-            self._layer = handle.layer_of(module_name)
-        except ValueError:  # a module outside the decoder layers: nothing below it to replay
-            self._layer = 0
+        self._layer = handle.layer_of(module_name)
         self._batches: list[_Entries] = []
         self._codebook: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._watch = SequenceWatch(handle)
@@ -155,7 +145,7 @@ class GRACE:
         return None
 
     def config_dict(self) -> dict[str, Any]:
-        return {**asdict(self.config), "module": self.module_name}
+        return {**asdict(self.config), "modules": [self.module_name]}
 
     @property
     def size(self) -> int:
@@ -292,7 +282,8 @@ class GRACE:
         record = {
             "method": self.name,
             "model": self.handle.name,
-            "config": asdict(self.config),
+            # The layer as resolved, so that a load edits the same module.
+            "config": {**asdict(self.config), "layers": str(self._layer)},
             "module": self.module_name,
             "entries": int(codebook[0].shape[0]),
         }
@@ -318,7 +309,10 @@ class GRACE:
                 "loading GRACE saved for model '%s' into '%s'", record["model"], self.handle.name
             )
         tensors = load_file(str(directory / TENSORS_FILE))
-        config = GRACEConfig(**{**record["config"], "module": record["module"]})
+        try:
+            config = GRACEConfig(**record["config"])
+        except TypeError as error:
+            raise ValueError(f"{directory}/{CONFIG_FILE}: unknown settings ({error})") from None
         d_out, d_in = self.handle.weight_of(self._resolve(config)).shape
         keys, values, radii = tensors["keys"], tensors["values"], tensors["radii"]
         if keys.shape[1:] != (d_in,) or values.shape[1:] != (d_out,):

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from lledit.data.request import EditRequest
-from lledit.methods.base import NoChange
+from lledit.edit import NoChange
 from lledit.model import ModelHandle
 
 
@@ -34,4 +34,4 @@ class NoEdit:
         return NoChange()
 
     def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
+        return {**asdict(self.config), "modules": []}

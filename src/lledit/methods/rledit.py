@@ -25,40 +25,32 @@ class RLEditTrainConfig(HypernetTrainConfig):
     """Trajectory training; the defaults suit SmolLM2-135M."""
 
     steps: int = 300
-    """Six trajectories of 50 batches. Resumed to 600 steps, the network did
-    better on the validation's 10 batches (efficacy 0.74 against 0.65) but
-    worse after 1000 zsRE edits (efficacy, generalization and locality 0.57,
-    0.49 and 0.67 against 0.63, 0.56 and 0.71): its updates hold over the
-    trained horizon and add up beyond it."""
+    """Six trajectories of 50 batches; longer training fit the trained horizon
+    better and 1000-edit sequences worse (docs/methods/rledit.md)."""
     trajectory_length: int = 50
-    """Half the 100 batches of the 1000-edit benchmark. Over those 1000 zsRE
-    edits, 300 steps with 50 reached efficacy, generalization and locality
-    0.63, 0.56 and 0.71; with 20, 0.60, 0.53 and 0.69."""
+    """Half the 100 batches of the 1000-edit benchmark; longer trajectories
+    did better over it than 20 (docs/methods/rledit.md)."""
     backtrack_depth: int = 2
+    """D: each edit is also judged on the batch before it, as in the paper."""
     locality_weight: float = 100.0
-    """Ten times MEND's and MALMEN's. Over 1000 zsRE edits (100 steps of
-    training each) 10 left locality at 0.16 and 100 at 0.57, with efficacy
-    and generalization higher too (0.52/0.49 against 0.44/0.41): a model
-    kept intact takes later edits better. 300 and 1000 kept locality a
-    little higher still (0.62, 0.64) at lower efficacy."""
+    """Ten times MEND's and MALMEN's: with 10, 100 batches of updates added up
+    to a wrecked model (docs/methods/rledit.md)."""
     drift_weight: float = 3.0
-    """Over 1000 zsRE edits, 3 raised efficacy, generalization, specificity and
-    locality from 0.63, 0.56, 0.19 and 0.71 to 0.64, 0.56, 0.20 and 0.74
-    (300 steps each); 10 gave 0.57, 0.52, 0.20 and 0.71. Taking the
-    locality KL against the original weights instead of the previous ones,
-    at weight 100, had lost on every metric: the drift term is some 35 times
-    the one-step KL."""
+    """The KL from the original weights, which judges what the trajectory has
+    changed so far; 3 raised every metric over 1000 edits, 10 lost
+    (docs/methods/rledit.md)."""
     l2_weight: float = 1e-4
+    """A small penalty on the update's size, so that updates summed over a
+    long sequence stay bounded."""
     step_every: int | None = 1
+    """An optimizer step after every batch of a trajectory, as the paper's
+    per-step reinforcement does."""
     key_ridge: bool = True
-    """Over 1000 zsRE edits, 300 steps of training on trajectories of 20
-    batches reached efficacy, generalization and locality 0.60, 0.53 and 0.69
-    with it, against 0.57, 0.51 and 0.63 with the plain ridge."""
+    """Shape the ridge by ordinary keys' statistics: better efficacy and
+    locality than the plain ridge over 1000 edits (docs/methods/rledit.md)."""
     earlier_keys_weight: float = 0.03
-    """Trained as it edits (`RLEditConfig.earlier_keys_weight`), the network
-    reached efficacy, generalization and locality 0.72, 0.61 and 0.75 over
-    1000 zsRE edits, against 0.69, 0.59 and 0.80 for the same training
-    without held keys, edited with them."""
+    """Trained as it edits (`RLEditConfig.earlier_keys_weight`): better
+    edits, a little less locality (docs/methods/rledit.md)."""
 
 
 @dataclass
@@ -66,11 +58,9 @@ class RLEditConfig(HypernetEditConfig):
     """Editing with a trained RLEdit network; the defaults suit SmolLM2-135M."""
 
     earlier_keys_weight: float = 0.03
-    """Over 1000 zsRE edits with a network trained without held keys,
-    0 / 0.003 / 0.01 / 0.03 / 0.1 / 0.3 / 1 gave efficacy 0.64 / 0.69 / 0.70
-    / 0.69 / 0.67 / 0.62 / 0.53 and locality 0.74 / 0.77 / 0.78 / 0.80 /
-    0.81 / 0.81 / 0.82: held keys that weigh much leave new edits too little
-    room."""
+    """Each update keeps the outputs of earlier batches' keys, weighted this
+    much; 0.03 gave the best locality at near-best efficacy, and much more
+    leaves new edits too little room (docs/methods/rledit.md)."""
 
 
 class RLEdit(HypernetEditor):

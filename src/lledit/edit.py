@@ -1,11 +1,13 @@
-"""What every editing method shares: the protocol and undoable weight deltas."""
+"""The edit core every layer shares: the method protocol, applied batches, exact weight deltas."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from lledit.data.request import EditRequest
 from lledit.model import ModelHandle
@@ -26,7 +28,11 @@ class EditMethod(Protocol):
     """An editor bound to one model.
 
     `prepare` does one-off work (statistics, loading a trained network) and is
-    timed as set-up; `apply` writes one batch into the model.
+    timed as set-up; `apply` writes one batch into the model (an empty batch is
+    a ValueError) and returns what undoes it exactly. `config_dict` is the
+    JSON record of the settings, with `modules`, the names of the modules the
+    method edits as resolved on this model. `tests/test_contract.py` checks
+    every registered method against this.
     """
 
     name: ClassVar[str]
@@ -144,3 +150,27 @@ def apply_weight_deltas(
     add_weight_deltas(handle, deltas)
     deltas = {name: delta.detach().float().clone() for name, delta in deltas.items()}
     return WeightDelta(handle, before, deltas, on_undo)
+
+
+@contextmanager
+def added_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Run the model as if each (d_out, d_in) delta were added to its module's weight.
+
+    The weights are not touched, so nothing needs restoring if computing the
+    rest of an update fails.
+    """
+
+    def hook_for(delta: torch.Tensor):
+        def add(module, inputs, output):
+            return output + F.linear(inputs[0], delta.to(inputs[0].dtype))
+
+        return add
+
+    hooks = [
+        handle.module(name).register_forward_hook(hook_for(delta)) for name, delta in deltas.items()
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -1,0 +1,161 @@
+"""What every registered method promises, checked for each one on both tiny models.
+
+A new method added to `METHODS` is checked here without writing anything; it
+may add small settings to `FAST` so that it runs in a second on the tiny
+models. The checklist for method authors:
+
+- an empty batch is refused;
+- a batch changes the model's answers, and undoing it restores the weights
+  bit for bit and the outputs exactly (memories included);
+- `config_dict` is JSON, names the edited modules, and the settings in it
+  rebuild the same editor through `make_editor`;
+- `KEY=VALUE` settings (the CLI's `--set`) reach the config;
+- a method with state (`save`/`load`) reloads into the same outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import assert_weights_equal, make_tiny_model, snapshot
+
+from lledit import EditRequest, make_editor
+from lledit.hypernet.training import HypernetTrainer
+from lledit.methods import METHODS, parse_settings, train_config_class
+from lledit.model import ModelHandle
+
+FAST = {
+    "ft": {"steps": 5},
+    "memit": {"stats_samples": 600, "prefix_count": 1, "prefix_length": 3, "value_steps": 3},
+    "alphaedit": {
+        "stats_samples": 600,
+        "prefix_count": 1,
+        "prefix_length": 3,
+        "value_steps": 3,
+        "null_space_threshold": 0.5,
+    },
+    "elder": {"steps": 5},
+    "grace": {"steps": 5},
+}
+"""Settings that keep each method quick on the tiny models."""
+
+TRAINED = {"mend", "malmen", "rledit"}
+
+BATCH = [
+    EditRequest("The capital of France is", "Rome", subject="France"),
+    EditRequest("Harry Potter was written by", "Stephen King", subject="Harry Potter"),
+]
+PROBES = [r.prompt for r in BATCH] + ["The chemical symbol for gold is"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Key statistics go to a fresh cache directory, never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tokenizer, tmp_path_factory):
+    """A network trained for two steps per hypernetwork method and architecture."""
+    folders = {}
+    for method in sorted(TRAINED):
+        for arch in ("llama", "gpt2"):
+            handle = ModelHandle(make_tiny_model(arch, len(tokenizer)), tokenizer, f"tiny-{arch}")
+            config = train_config_class(method)(
+                layers="2-3", rank=4, n_blocks=1, batch_size=2, steps=2, warmup_batches=1,
+                checkpoint_every=2, validation_edits=0,
+            )  # fmt: skip
+            out = tmp_path_factory.mktemp(f"{method}-{arch}")
+            requests = [
+                EditRequest(prompt, target, rephrases=(prompt,), locality=(("It is", "big"),))
+                for prompt in PROBES
+                for target in ("Rome", "Tokyo")
+            ]
+            HypernetTrainer(handle, METHODS[method], config, requests, out, data_info={}).train()
+            folders[method, arch] = str(out)
+    return folders
+
+
+def _settings(method: str, arch: str, checkpoints) -> dict:
+    settings = dict(FAST.get(method, {}))
+    if method in TRAINED:
+        settings["checkpoint"] = checkpoints[method, arch]
+    return settings
+
+
+def _outputs(handle: ModelHandle) -> torch.Tensor:
+    encoded = handle.tokenizer(PROBES, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return handle.model(**encoded, use_cache=False).logits
+
+
+def _copy(handle: ModelHandle) -> ModelHandle:
+    """The same tiny model, unedited."""
+    return ModelHandle(
+        make_tiny_model(handle.arch.name, len(handle.tokenizer)), handle.tokenizer, handle.name
+    )
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_contract(method, tiny, checkpoints, tmp_path):
+    arch = tiny.arch.name
+    settings = _settings(method, arch, checkpoints)
+    editor = make_editor(method, tiny, **settings)
+    weights, outputs = snapshot(tiny), _outputs(tiny)
+
+    with pytest.raises(ValueError, match="at least one request"):
+        editor.apply([])
+    assert_weights_equal(tiny, weights)
+
+    applied = editor.apply(BATCH)
+    edited = _outputs(tiny)
+    if method != "none":
+        assert not torch.equal(edited, outputs), "the batch changed nothing"
+    applied.undo()
+    assert_weights_equal(tiny, weights)
+    assert torch.equal(_outputs(tiny), outputs)
+
+    record = editor.config_dict()
+    assert json.loads(json.dumps(record)) == record
+    for module in record["modules"]:
+        tiny.weight_of(module)
+    if method != "none":
+        assert record["modules"], "config_dict names no edited module"
+    fields = {field.name for field in dataclasses.fields(METHODS[method].config_class)}
+    rebuilt = make_editor(method, _copy(tiny), **{k: v for k, v in record.items() if k in fields})
+    assert rebuilt.config_dict() == record
+
+    if hasattr(editor, "save"):
+        editor.apply(BATCH)
+        expected = _outputs(tiny)
+        editor.save(tmp_path / method)
+        restored = _copy(tiny)
+        make_editor(method, restored, **settings).load(tmp_path / method)
+        assert torch.equal(_outputs(restored), expected)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_settings_reach_the_config(method, tiny, checkpoints):
+    """Every number a config holds can be set as KEY=VALUE, as `--set` does."""
+    base = _settings(method, tiny.arch.name, checkpoints)
+    defaults = dataclasses.asdict(METHODS[method].config_class(**base))
+    reached = []
+    for key, value in defaults.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        changed = value + 1 if isinstance(value, int) else value / 2
+        parsed = parse_settings(method, [f"{key}={changed}"])
+        assert parsed == {key: changed}
+        try:
+            editor = make_editor(method, tiny, **{**base, **parsed})
+        except ValueError:
+            continue  # a value its checks refuse; another field shows the path
+        assert editor.config_dict()[key] == changed
+        reached.append(key)
+    numeric = [k for k, v in defaults.items() if isinstance(v, int | float)]
+    assert bool(reached) == bool(numeric), f"no numeric setting of {method} could be set"
+    with pytest.raises(ValueError, match=f"method '{method}' has no setting 'no_such_setting'"):
+        parse_settings(method, ["no_such_setting=1"])
