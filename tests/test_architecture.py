@@ -13,7 +13,7 @@ LAYERS = (
     ("lledit.data",),
     ("lledit.tokens", "lledit.layers", "lledit.progress", "lledit.checks"),
     ("lledit.model",),
-    ("lledit.edit",),
+    ("lledit.edit", "lledit.memory"),
     ("lledit.stats",),
     ("lledit.locate",),
     ("lledit.eval",),

@@ -29,10 +29,8 @@ model's modules, weights and state dict stay as they were.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,19 +38,16 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lledit import checks
 from lledit.data.request import EditRequest
 from lledit.edit import NonFiniteUpdateError
-from lledit.model import ModelHandle, SequenceWatch, edit_batch, hidden_of
+from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
+from lledit.model import ModelHandle, edit_batch, hidden_of
 
 logger = logging.getLogger(__name__)
-
-TENSORS_FILE = "elder.safetensors"
-CONFIG_FILE = "elder.json"
 
 
 @dataclass
@@ -206,7 +201,7 @@ def allocation_codes(indices: torch.Tensor, n_loras: int) -> torch.Tensor:
 
 
 @dataclass(eq=False)
-class _Batch:
+class _Batch(HeldBatch):
     """The edits of one applied batch and the parameters around it."""
 
     requests: list[EditRequest]
@@ -217,15 +212,13 @@ class _Batch:
     """(edits, hidden) each edit prompt's query; its code follows the current routers."""
     before: list[torch.Tensor] | None
     after: list[torch.Tensor] | None
-    undone: bool = False
 
 
-class ElderEdit:
+class ElderEdit(MemoryEdit):
     """One ELDER batch: undo drops its codes and its change to adapters and routers."""
 
-    def __init__(self, editor: ElderEditor, batch: _Batch) -> None:
-        self._editor = editor
-        self._batch = batch
+    _editor: ElderEditor
+    _batch: _Batch
 
     @property
     def allocation(self) -> torch.Tensor:
@@ -237,23 +230,19 @@ class ElderEdit:
         """(edits, L·N) the allocation codes the current routers give the batch's edits."""
         return self._editor._codes_of(self._batch.queries)
 
-    def undo(self) -> None:
-        self._editor._undo(self._batch)
 
-
-class ElderEditor:
+class ElderEditor(MemoryEditor):
     name: ClassVar[str] = "elder"
     description: ClassVar[str] = (
         "ELDER: mixture of LoRAs routed per sequence, guided loss, deferral by allocation code"
     )
     config_class: ClassVar[type] = ElderConfig
-    edits_weights: ClassVar[bool] = False
+    label: ClassVar[str] = "ELDER"
+    tensors_file: ClassVar[str] = "elder.safetensors"
+    config_file: ClassVar[str] = "elder.json"
 
     def __init__(self, handle: ModelHandle, config: ElderConfig | None = None) -> None:
-        self.handle = handle
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._watch: SequenceWatch | None = None
-        self._local = threading.local()
+        super().__init__(handle)
         self._build(config or ElderConfig())
 
     def _resolve(self, config: ElderConfig) -> tuple[tuple[int, ...], int, list[str]]:
@@ -316,25 +305,11 @@ class ElderEditor:
         self._batches: list[_Batch] = []
         self._rehearsal_start = 0
         self._codes: torch.Tensor | None = None
-        self._watch = SequenceWatch(handle)
         query = handle.module(handle.decoder_layer(query_layer))
-        self._hooks = [query.register_forward_hook(self._on_query)]
+        hooks = [query.register_forward_hook(self._on_query)]
         for position, name in enumerate(modules):
-            self._hooks.append(
-                handle.module(name).register_forward_hook(self._adapter_hook(position))
-            )
-
-    def remove(self) -> None:
-        """Detach every hook: the model behaves as if the editor never existed."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        if self._watch is not None:
-            self._watch.remove()
-            self._watch = None
-
-    def prepare(self) -> None:
-        return None
+            hooks.append(handle.module(name).register_forward_hook(self._adapter_hook(position)))
+        self._attach(hooks)
 
     def config_dict(self) -> dict[str, Any]:
         return {
@@ -559,27 +534,19 @@ class ElderEditor:
             optimizer.step()
 
     @torch.no_grad()
-    def _undo(self, batch: _Batch) -> None:
-        """Drop the batch's edits; put adapters and routers back to before it.
+    def _forget(self, batch: _Batch) -> None:
+        """Put adapters and routers back to before the batch; its codes go.
 
         Undoing the latest batch restores them bit for bit. If later batches
         trained on top, the change this batch made is subtracted instead.
         """
-        if batch.undone:
-            raise RuntimeError("this edit was already undone")
-        if batch not in self._batches:
-            raise RuntimeError(
-                "this edit is no longer held by the editor (it loaded a saved state since)"
-            )
         current = self._parameters()
         if all(torch.equal(p, a) for p, a in zip(current, batch.after, strict=True)):
             self._restore(batch.before)
         else:
             for parameter, before, after in zip(current, batch.before, batch.after, strict=True):
                 parameter.sub_(after - before)
-        self._batches.remove(batch)
         self._codes = None
-        batch.undone = True
 
     # Saving ------------------------------------------------------------------------------------
 
@@ -598,8 +565,6 @@ class ElderEditor:
         """Adapters, routers, the held edits' queries and allocations and the
         allocation generator as safetensors; the settings and the edits'
         prompts and targets (for rehearsal) as JSON."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         requests, allocations, queries = self._held()
         tensors = {
             "router": self.router.detach(),
@@ -610,18 +575,14 @@ class ElderEditor:
         for position, adapter in enumerate(self.adapters):
             tensors[f"adapters.{position}.lora_a"] = adapter.lora_a.detach()
             tensors[f"adapters.{position}.lora_b"] = adapter.lora_b.detach()
-        tensors = {key: value.cpu().contiguous() for key, value in tensors.items()}
-        save_file(tensors, str(directory / TENSORS_FILE))
         record = {
-            "method": self.name,
-            "model": self.handle.name,
             "config": asdict(self.config),
             "modules": self.modules,
             "query_layer": self.query_layer,
             "rehearsal_start": self._rehearsal_start,
             "edits": [{"prompt": r.prompt, "target_new": r.target_new} for r in requests],
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        self._write(directory, tensors, record)
 
     def load(self, directory: str | Path) -> None:
         """Take over a saved editor: its settings, adapters, routers and edits.
@@ -630,17 +591,7 @@ class ElderEditor:
         loaded edits count as one earlier batch that cannot be undone; batches
         applied before loading can no longer be undone.
         """
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"no saved ELDER editor in {directory} (missing {CONFIG_FILE})")
-        record = json.loads((directory / CONFIG_FILE).read_text())
-        if record.get("method") != self.name:
-            raise ValueError(f"{directory} holds a '{record.get('method')}' editor, not ELDER")
-        if record["model"] != self.handle.name:
-            logger.warning(
-                "loading ELDER saved for model '%s' into '%s'", record["model"], self.handle.name
-            )
-        tensors = load_file(str(directory / TENSORS_FILE))
+        record, tensors = self._read(directory)
         config = ElderConfig(**record["config"])
         _, _, modules = self._resolve(config)
         if modules != record["modules"]:

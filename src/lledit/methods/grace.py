@@ -18,10 +18,8 @@ initial radius, and overlapping regions are resolved by the nearest key
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,18 +27,15 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lledit import checks
 from lledit.data.request import EditRequest
 from lledit.edit import NonFiniteUpdateError
-from lledit.model import ModelHandle, SequenceWatch, edit_batch
+from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
+from lledit.model import ModelHandle, edit_batch
 
 logger = logging.getLogger(__name__)
-
-TENSORS_FILE = "grace.safetensors"
-CONFIG_FILE = "grace.json"
 
 
 @dataclass
@@ -73,39 +68,26 @@ class GRACEConfig:
 
 
 @dataclass(eq=False)
-class _Entries:
+class _Entries(HeldBatch):
     """The codebook entries one batch added."""
 
     keys: torch.Tensor
     values: torch.Tensor
     radii: torch.Tensor
-    undone: bool = False
 
 
-class GRACEEdit:
-    """One GRACE batch: undo removes exactly its codebook entries."""
-
-    def __init__(self, editor: GRACE, entries: _Entries) -> None:
-        self._editor = editor
-        self._entries = entries
-
-    def undo(self) -> None:
-        self._editor._undo(self._entries)
-
-
-class GRACE:
+class GRACE(MemoryEditor):
     name: ClassVar[str] = "grace"
     description: ClassVar[str] = (
         "GRACE: codebook of trained output values at one layer, keyed by the last prompt token"
     )
     config_class: ClassVar[type] = GRACEConfig
-    edits_weights: ClassVar[bool] = False
+    label: ClassVar[str] = "GRACE"
+    tensors_file: ClassVar[str] = "grace.safetensors"
+    config_file: ClassVar[str] = "grace.json"
 
     def __init__(self, handle: ModelHandle, config: GRACEConfig | None = None) -> None:
-        self.handle = handle
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._watch: SequenceWatch | None = None
-        self._local = threading.local()
+        super().__init__(handle)
         self._build(config or GRACEConfig())
 
     def _resolve(self, config: GRACEConfig) -> str:
@@ -129,20 +111,7 @@ class GRACE:
         self._layer = handle.layer_of(module_name)
         self._batches: list[_Entries] = []
         self._codebook: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._watch = SequenceWatch(handle)
-        self._hook = handle.module(module_name).register_forward_hook(self._on_module)
-
-    def remove(self) -> None:
-        """Detach the hook: the model behaves as if the editor never existed."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self._watch is not None:
-            self._watch.remove()
-            self._watch = None
-
-    def prepare(self) -> None:
-        return None
+        self._attach([handle.module(module_name).register_forward_hook(self._on_module)])
 
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "modules": [self.module_name]}
@@ -215,7 +184,7 @@ class GRACE:
 
     # Editing -----------------------------------------------------------------------------------
 
-    def apply(self, batch: Sequence[EditRequest]) -> GRACEEdit:
+    def apply(self, batch: Sequence[EditRequest]) -> MemoryEdit:
         """Add one entry per edit; the batch's values train together, one forward per step."""
         if not batch:
             raise ValueError("an edit batch must hold at least one request")
@@ -250,25 +219,16 @@ class GRACE:
         entries = _Entries(state["keys"], values, radii)
         self._batches.append(entries)
         self._codebook = None
-        return GRACEEdit(self, entries)
+        return MemoryEdit(self, entries)
 
-    def _undo(self, entries: _Entries) -> None:
-        if entries.undone:
-            raise RuntimeError("this edit was already undone")
-        if entries not in self._batches:
-            raise RuntimeError(
-                "this edit is no longer held by the editor (it loaded a saved state since)"
-            )
-        self._batches.remove(entries)
+    def _forget(self, entries: _Entries) -> None:
+        """The concatenated codebook is rebuilt without the batch's entries."""
         self._codebook = None
-        entries.undone = True
 
     # Saving ------------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
         """Keys, values and radii as safetensors, the settings as JSON."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         codebook = self._entries()
         if codebook is None:
             codebook = (
@@ -277,17 +237,13 @@ class GRACE:
                 torch.zeros(0),
             )
         tensors = dict(zip(("keys", "values", "radii"), codebook, strict=True))
-        tensors = {key: value.cpu().contiguous() for key, value in tensors.items()}
-        save_file(tensors, str(directory / TENSORS_FILE))
         record = {
-            "method": self.name,
-            "model": self.handle.name,
             # The layer as resolved, so that a load edits the same module.
             "config": {**asdict(self.config), "layers": str(self._layer)},
             "module": self.module_name,
             "entries": int(codebook[0].shape[0]),
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        self._write(directory, tensors, record)
 
     def load(self, directory: str | Path) -> None:
         """Take over a saved codebook and its settings.
@@ -296,23 +252,11 @@ class GRACE:
         loaded entries count as one earlier batch that cannot be undone;
         batches applied before loading can no longer be undone.
         """
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise FileNotFoundError(
-                f"no saved GRACE codebook in {directory} (missing {CONFIG_FILE})"
-            )
-        record = json.loads((directory / CONFIG_FILE).read_text())
-        if record.get("method") != self.name:
-            raise ValueError(f"{directory} holds a '{record.get('method')}' editor, not GRACE")
-        if record["model"] != self.handle.name:
-            logger.warning(
-                "loading GRACE saved for model '%s' into '%s'", record["model"], self.handle.name
-            )
-        tensors = load_file(str(directory / TENSORS_FILE))
+        record, tensors = self._read(directory)
         try:
             config = GRACEConfig(**record["config"])
         except TypeError as error:
-            raise ValueError(f"{directory}/{CONFIG_FILE}: unknown settings ({error})") from None
+            raise ValueError(f"{directory}: unknown settings ({error})") from None
         d_out, d_in = self.handle.weight_of(self._resolve(config)).shape
         keys, values, radii = tensors["keys"], tensors["values"], tensors["radii"]
         if keys.shape[1:] != (d_in,) or values.shape[1:] != (d_out,):

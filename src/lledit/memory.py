@@ -1,0 +1,128 @@
+"""What the memory editors (ELDER, GRACE) share.
+
+They leave the model's weights alone: their edits live in the editor, attached
+to the model as forward hooks, and decide once per sequence (with
+`SequenceWatch`) what every token of it gets. Applied batches are held in
+order so that any one can be undone exactly, and the whole memory saves to a
+folder as one safetensors file and one JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.hooks import RemovableHandle
+
+from lledit.model import ModelHandle, SequenceWatch
+
+logger = logging.getLogger(__name__)
+
+
+class HeldBatch:
+    """One applied batch as the editor holds it; `undone` once it is undone."""
+
+    undone: bool = False
+
+
+class MemoryEdit:
+    """One batch applied by a memory editor: undo removes exactly that batch."""
+
+    def __init__(self, editor: MemoryEditor, batch: HeldBatch) -> None:
+        self._editor = editor
+        self._batch = batch
+
+    def undo(self) -> None:
+        self._editor._undo(self._batch)
+
+
+class MemoryEditor:
+    """Hooks owned by the editor, per-thread state, held batches and the saved folder.
+
+    A subclass sets `label` and the two file names, attaches its hooks with
+    `_attach`, appends each applied batch to `_batches`, and says in `_forget`
+    what undoing a batch takes back beyond dropping it.
+    """
+
+    edits_weights: ClassVar[bool] = False
+    label: ClassVar[str]
+    """How messages name the method (e.g. "ELDER")."""
+    tensors_file: ClassVar[str]
+    config_file: ClassVar[str]
+    name: ClassVar[str]
+
+    def __init__(self, handle: ModelHandle) -> None:
+        self.handle = handle
+        self._hooks: list[RemovableHandle] = []
+        self._watch: SequenceWatch | None = None
+        self._local = threading.local()
+        """Per-thread state of the forward in progress (training, routing)."""
+        self._batches: list[Any] = []
+
+    def _attach(self, hooks: list[RemovableHandle]) -> None:
+        """Start watching sequences and keep `hooks` (registered by the subclass) to remove."""
+        self._watch = SequenceWatch(self.handle)
+        self._hooks = hooks
+
+    def remove(self) -> None:
+        """Detach every hook: the model behaves as if the editor never existed."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+
+    def prepare(self) -> None:
+        return None
+
+    def _forget(self, batch: Any) -> None:
+        """Take back what `batch` changed beyond being held (nothing by default)."""
+
+    def _undo(self, batch: Any) -> None:
+        if batch.undone:
+            raise RuntimeError("this edit was already undone")
+        if batch not in self._batches:
+            raise RuntimeError(
+                "this edit is no longer held by the editor (it loaded a saved state since)"
+            )
+        self._forget(batch)
+        self._batches.remove(batch)
+        batch.undone = True
+
+    def _write(
+        self, directory: str | Path, tensors: dict[str, torch.Tensor], record: dict[str, Any]
+    ) -> None:
+        """The memory's tensors as safetensors and `record` (with method and model) as JSON."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        save_file(tensors, str(directory / self.tensors_file))
+        record = {"method": self.name, "model": self.handle.name, **record}
+        (directory / self.config_file).write_text(json.dumps(record, indent=2) + "\n")
+
+    def _read(self, directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The record and tensors `_write` left in `directory`, written by this method."""
+        directory = Path(directory)
+        if not (directory / self.config_file).is_file():
+            raise FileNotFoundError(
+                f"no saved {self.label} editor in {directory} (missing {self.config_file})"
+            )
+        record = json.loads((directory / self.config_file).read_text())
+        if record.get("method") != self.name:
+            raise ValueError(
+                f"{directory} holds a '{record.get('method')}' editor, not {self.label}"
+            )
+        if record["model"] != self.handle.name:
+            logger.warning(
+                "loading %s saved for model '%s' into '%s'",
+                self.label,
+                record["model"],
+                self.handle.name,
+            )
+        return record, load_file(str(directory / self.tensors_file))
