@@ -85,6 +85,7 @@ def test_failed_batch_is_journaled_and_changes_nothing(fresh, requests_small, tm
 def test_journal_refuses_another_base_model(fresh, tokenizer, requests_small, tmp_path):
     live = open_model(fresh(), tmp_path / "j.db")
     live.apply(requests_small[:1])
+    live.journal.close()
     other = fresh()
     with torch.no_grad():
         other.weight_of(live.editor.modules[0]).add_(1.0)
@@ -152,3 +153,104 @@ def test_edit_requests_round_trip_through_the_journal(tmp_path):
     record = journal.record([request], method="none", method_config={}, model="m")
     assert journal.edit(record.edit_ids[0]).request == request
     assert journal.edit(record.edit_ids[0]).to_dict()["request"]["id"] == "x"
+
+
+# Robustness --------------------------------------------------------------------------------
+
+
+def _two_batches(fresh, requests_small, path):
+    live = open_model(fresh(), path)
+    return live, live.apply(requests_small[:1]), live.apply(requests_small[1:])
+
+
+@pytest.mark.parametrize("damage", ["corrupted", "truncated", "swapped", "missing"])
+def test_a_damaged_delta_file_is_refused_and_nothing_is_half_replayed(
+    fresh, requests_small, tmp_path, damage
+):
+    live, first, second = _two_batches(fresh, requests_small, tmp_path / "j.db")
+    live.journal.close()
+    folder = tmp_path / "j.db.deltas"
+    first_file, second_file = folder / first.delta_file, folder / second.delta_file
+    data = bytearray(second_file.read_bytes())
+    if damage == "corrupted":
+        data[-1] ^= 0xFF
+        second_file.write_bytes(bytes(data))
+    elif damage == "truncated":
+        second_file.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "swapped":
+        second_file.write_bytes(first_file.read_bytes())
+        first_file.write_bytes(bytes(data))
+    else:
+        second_file.unlink()
+    handle = fresh()
+    base = snapshot(handle)
+    expected = "missing" if damage == "missing" else "not the one the journal wrote"
+    batch = first.id if damage == "swapped" else second.id
+    with pytest.raises(JournalError, match=f"batch {batch}: its delta file .* {expected}"):
+        JournaledModel(handle, Journal(tmp_path / "j.db"))
+    assert_weights_equal(handle, base)
+
+
+def test_an_undo_whose_rebuild_fails_changes_nothing(fresh, requests_small, tmp_path):
+    live, first, second = _two_batches(fresh, requests_small, tmp_path / "j.db")
+    before = snapshot(live.handle)
+    (tmp_path / "j.db.deltas" / second.delta_file).unlink()
+    with pytest.raises(JournalError, match=f"batch {second.id}: its delta file"):
+        live.undo(first.id)
+    assert_weights_equal(live.handle, before)
+    assert [b.status for b in live.journal.batches()] == [APPLIED, APPLIED]
+
+
+def test_a_second_writer_is_refused(fresh, requests_small, tmp_path):
+    path = tmp_path / "j.db"
+    live, first, _ = _two_batches(fresh, requests_small, path)
+    with pytest.raises(JournalError, match="open for writing by another process"):
+        open_model(fresh(), path)
+    result = CliRunner().invoke(app, ["undo", str(first.id), "--journal", str(path)])
+    assert result.exit_code == 2 and "open for writing by another process" in result.output
+    assert [b.status for b in Journal(path).batches()] == [APPLIED, APPLIED]  # readers may read
+    live.journal.close()
+    result = CliRunner().invoke(app, ["undo", str(first.id), "--journal", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_files_a_crash_left_behind_are_removed(fresh, requests_small, tmp_path):
+    live, first, second = _two_batches(fresh, requests_small, tmp_path / "j.db")
+    live.journal.close()
+    folder = tmp_path / "j.db.deltas"
+    (folder / "batch-00000099.safetensors").write_bytes(b"never committed")
+    (folder / "batch-00000100.partial").write_bytes(b"half written")
+    reopened = open_model(fresh(), tmp_path / "j.db")
+    assert sorted(p.name for p in folder.iterdir()) == [first.delta_file, second.delta_file]
+    reopened.journal.close()
+
+
+def test_closing_checkpoints_so_the_database_file_alone_holds_every_batch(
+    fresh, requests_small, tmp_path
+):
+    live, _, _ = _two_batches(fresh, requests_small, tmp_path / "j.db")
+    live.journal.close()
+    wal = tmp_path / "j.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    copy = tmp_path / "copy" / "j.db"
+    copy.parent.mkdir()
+    copy.write_bytes((tmp_path / "j.db").read_bytes())
+    assert [b.status for b in Journal(copy).batches()] == [APPLIED, APPLIED]
+
+
+def test_a_file_that_is_not_a_journal_is_refused_unchanged(tmp_path):
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    connection = sqlite3.connect(other)
+    connection.execute("CREATE TABLE notes (text TEXT)")
+    connection.commit()
+    connection.close()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database at all, " * 50)
+    for path in (other, text):
+        before = path.read_bytes()
+        with pytest.raises(JournalError, match="is not an lledit journal"):
+            Journal(path)
+        assert path.read_bytes() == before
+        assert not path.with_name(path.name + ".deltas").exists()

@@ -392,7 +392,8 @@ def general_command(
         suite = _general_suite(tasks, items, shots)
         handle = load_model(model, device=device, dtype=dtype, allow_download=allow_download)
         if journal is not None:
-            JournaledModel(handle, _existing_journal(journal))
+            with _existing_journal(journal) as opened:
+                JournaledModel(handle, opened)
         scores = score_general(handle, suite)
     except USER_ERRORS as error:
         raise _fail(error) from error
@@ -482,7 +483,13 @@ def _open_journaled(
     """The base model brought to the journal's state, with an editor for new batches."""
     overrides = parse_settings(method, settings or [])
     handle = load_model(model, device=device, dtype=dtype, allow_download=allow_download)
-    return JournaledModel(handle, Journal(journal), make_editor(method, handle, **overrides))
+    editor = make_editor(method, handle, **overrides)
+    opened = Journal(journal)
+    try:
+        return JournaledModel(handle, opened, editor)
+    except BaseException:
+        opened.close()
+        raise
 
 
 @app.command()
@@ -505,7 +512,7 @@ def edit(
         requests = load_edit_dataset(str(file), skip_invalid=skip_invalid).requests
         edited = _open_journaled(journal, method, model, device, dtype, settings, allow_download)
         batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-        with progress.task(f"{method}: editing", total=len(batches)) as task:
+        with edited.journal, progress.task(f"{method}: editing", total=len(batches)) as task:
             for batch in batches:
                 record = edited.apply(batch)
                 logger.info("batch %d applied (edits %s)", record.id, list(record.edit_ids))
@@ -519,7 +526,8 @@ def edit(
 def history(journal: JournalOption) -> None:
     """Every batch in the journal: status, method, edits."""
     try:
-        batches = _existing_journal(journal).batches()
+        with _existing_journal(journal) as opened:
+            batches = opened.batches()
     except USER_ERRORS as error:
         raise _fail(error) from error
     table = Table(title=str(journal))
@@ -541,7 +549,8 @@ def undo(
 ) -> None:
     """Undo one applied batch; the model is rebuilt without it whenever it is next loaded."""
     try:
-        record = _existing_journal(journal).set_status(batch_id, UNDONE)
+        with _existing_journal(journal) as opened:
+            record = opened.set_status(batch_id, UNDONE)
     except USER_ERRORS as error:
         raise _fail(error) from error
     console.print(f"batch {record.id} undone ({len(record.edit_ids)} edits)")
@@ -558,23 +567,28 @@ def export(
 ) -> None:
     """Write the edited model as a Hugging Face folder (safetensors) that needs no lledit."""
     try:
-        opened = _existing_journal(journal)
-        if model is None:
+        with _existing_journal(journal) as opened:
             written_for = {batch.model for batch in opened.batches()}
-            if len(written_for) != 1:
-                raise ValueError(
-                    f"the journal holds batches for {sorted(written_for) or 'no model'}; "
-                    "name the base model with --model"
-                )
-            (name,) = written_for
-            model = None if name == DEFAULT_MODEL else name
-        handle = load_model(model, dtype=dtype)
-        JournaledModel(handle, opened)
+            if model is None:
+                model = _journal_model(written_for)
+            handle = load_model(model, dtype=dtype)
+            JournaledModel(handle, opened)
         handle.model.save_pretrained(out)
         handle.tokenizer.save_pretrained(out)
     except USER_ERRORS as error:
         raise _fail(error) from error
     console.print(f"edited model written to {out}/")
+
+
+def _journal_model(written_for: set[str]) -> str | None:
+    """The base model a journal's batches were written for (None: the default model)."""
+    if len(written_for) != 1:
+        raise ValueError(
+            f"the journal holds batches for {sorted(written_for) or 'no model'}; "
+            "name the base model with --model"
+        )
+    (name,) = written_for
+    return None if name == DEFAULT_MODEL else name
 
 
 @app.command()

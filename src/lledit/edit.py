@@ -110,14 +110,14 @@ class WeightDelta:
 
 
 @torch.no_grad()
-def add_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> None:
-    """Add each (d_out, d_in) delta to its module's weight, all or nothing.
+def added_weights(
+    weights: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """New tensors `weight + delta` for each delta, all checked before any is returned.
 
-    Shapes and finiteness are checked for every delta before any weight is
-    touched, so a rejected update leaves the model exactly as it was. Keeps no
-    undo record: replaying a journal needs none.
+    Shapes and finiteness of the deltas and of the sums are checked, so a
+    rejected update changes nothing anywhere.
     """
-    weights = {name: handle.weight_of(name) for name in deltas}
     for name, delta in deltas.items():
         if delta.shape != weights[name].shape:
             raise ValueError(
@@ -136,7 +136,17 @@ def add_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -
                 f"adding the update to '{name}' overflows {value.dtype}; "
                 "the batch was rejected and the model left unchanged"
             )
-    for name, value in updated.items():
+    return updated
+
+
+@torch.no_grad()
+def add_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> None:
+    """Add each (d_out, d_in) delta to its module's weight, all or nothing (`added_weights`).
+
+    Keeps no undo record: replaying a journal needs none.
+    """
+    weights = {name: handle.weight_of(name) for name in deltas}
+    for name, value in added_weights(weights, deltas).items():
         weights[name].copy_(value)
 
 

@@ -2,11 +2,12 @@
 
 The database (WAL mode, synchronous FULL) holds one row per batch and one per
 edit; each applied batch's weight deltas are a safetensors file in a folder
-beside it (`J.db` → `J.db.deltas/`). A batch is durable before it is reported
-as applied: the delta file is written and fsynced, then the rows are committed
-in one transaction. A crash before that commit leaves no row (at most an
-orphaned delta file, which nothing reads), so a batch is either fully in the
-journal or absent.
+beside it (`J.db` → `J.db.deltas/`), whose sha256 the batch's row keeps. A
+batch is durable before it is reported as applied: the delta file is written
+and fsynced, then the rows are committed in one transaction. A crash before
+that commit leaves no row (at most an orphaned file, removed when the journal
+is next opened for writing), so a batch is either fully in the journal or
+absent. One process at a time may write a journal (a lock file beside it).
 
 The edited model is never stored: it is the base model plus the deltas of the
 applied batches, added in order. Replaying them gives the live weights bit for
@@ -21,6 +22,8 @@ edits stay as they were written.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -33,13 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 from lledit.data.request import EditRequest
-from lledit.edit import EditMethod, WeightDelta, add_weight_deltas, edits_weights
+from lledit.edit import EditMethod, WeightDelta, added_weights, edits_weights
 from lledit.model import ModelHandle
 
 APPLIED, UNDONE, FAILED = "applied", "undone", "failed"
+
+APPLICATION_ID = 0x6C6C6564
+"""SQLite's application id of an lledit journal ("lled"): another database is refused."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -50,6 +57,7 @@ CREATE TABLE IF NOT EXISTS batches (
     model TEXT NOT NULL,
     base_sha256 TEXT,
     delta_file TEXT,
+    delta_sha256 TEXT,
     error TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -76,6 +84,7 @@ class BatchRecord:
     model: str
     base_sha256: str | None
     delta_file: str | None
+    delta_sha256: str | None
     error: str | None
     created_at: float
     updated_at: float
@@ -120,24 +129,119 @@ def _fsync_directory(path: Path) -> None:
 
 
 class Journal:
-    """The SQLite journal of one edited model. Safe to share between threads."""
+    """The SQLite journal of one edited model. Safe to share between threads.
+
+    Opening a journal reads it; the first write (or `lock_for_writing`) takes
+    the journal's lock, which another process then cannot take until this one
+    closes the journal or exits.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.delta_dir = self.path.with_name(self.path.name + ".deltas")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.delta_dir.mkdir(exist_ok=True)
         # One connection shared by threads; the lock keeps a reader from running
         # inside another thread's open transaction.
         self._lock = threading.RLock()
+        self._writer: int | None = None
+        existing = self.path.is_file() and self.path.stat().st_size > 0
         self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=FULL")
-        self._connection.executescript(SCHEMA)
+        try:
+            if existing:
+                self._check_is_journal()
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._connection.executescript(SCHEMA)
+            self._connection.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            columns = {row[1] for row in self._connection.execute("PRAGMA table_info(batches)")}
+            if "delta_sha256" not in columns:  # a journal written before the files' hashes
+                self._connection.execute("ALTER TABLE batches ADD COLUMN delta_sha256 TEXT")
+        except BaseException:
+            self._connection.close()
+            raise
+        self.delta_dir.mkdir(exist_ok=True)
+
+    def _check_is_journal(self) -> None:
+        """Refuse, unchanged, a file that is not an lledit journal."""
+        try:
+            application_id = self._connection.execute("PRAGMA application_id").fetchone()[0]
+            tables = {
+                row[0]
+                for row in self._connection.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'"
+                )
+            }
+        except sqlite3.DatabaseError as error:
+            raise JournalError(f"{self.path} is not an lledit journal ({error})") from None
+        # Journals written before the application id was set hold exactly these tables.
+        if application_id != APPLICATION_ID and not (
+            application_id == 0 and tables == {"batches", "edits"}
+        ):
+            raise JournalError(
+                f"{self.path} is not an lledit journal (another SQLite database); "
+                "it was left as it was"
+            )
+
+    @property
+    def writing(self) -> bool:
+        """Whether this journal holds the write lock."""
+        return self._writer is not None
+
+    def lock_for_writing(self) -> None:
+        """Take the journal's write lock, or refuse if another process holds it.
+
+        Files that a crash left without a committed row are removed once the
+        lock is held.
+        """
+        if self._writer is not None:
+            return
+        descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 64).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise JournalError(
+                f"{self.path} is open for writing by another process (pid {holder}): "
+                "stop it, or edit and undo through it"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+        self._writer = descriptor
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        with self._lock:
+            kept = {
+                row[0]
+                for row in self._connection.execute(
+                    "SELECT delta_file FROM batches WHERE delta_file IS NOT NULL"
+                )
+            }
+        for path in self.delta_dir.iterdir():
+            if path.name not in kept:
+                path.unlink()
 
     def close(self) -> None:
+        """Checkpoint the WAL into the database file, close it and release the lock."""
         with self._lock:
+            with contextlib.suppress(sqlite3.ProgrammingError):  # closed already
+                self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._connection.close()
+            self.release_lock()
+
+    def release_lock(self) -> None:
+        """Let another process write this journal (no-op when not holding the lock)."""
+        if self._writer is not None:
+            os.close(self._writer)
+            self._writer = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def record(
         self,
@@ -152,6 +256,7 @@ class Journal:
         error: str | None = None,
     ) -> BatchRecord:
         """Write a batch durably; returns once it is committed to disk."""
+        self.lock_for_writing()
         now = time.time()
         with self._lock:
             cursor = self._connection.cursor()
@@ -181,9 +286,10 @@ class Journal:
                 )
                 if deltas:
                     delta_file = f"batch-{batch_id:08d}.safetensors"
-                    self._write_deltas(delta_file, deltas)
+                    digest = self._write_deltas(delta_file, deltas)
                     cursor.execute(
-                        "UPDATE batches SET delta_file = ? WHERE id = ?", (delta_file, batch_id)
+                        "UPDATE batches SET delta_file = ?, delta_sha256 = ? WHERE id = ?",
+                        (delta_file, digest, batch_id),
                     )
                 cursor.execute("COMMIT")
             except BaseException:
@@ -191,7 +297,8 @@ class Journal:
                 raise
         return self.batch(batch_id)
 
-    def _write_deltas(self, file_name: str, deltas: dict[str, torch.Tensor]) -> None:
+    def _write_deltas(self, file_name: str, deltas: dict[str, torch.Tensor]) -> str:
+        """Write and fsync the file; returns its sha256."""
         final = self.delta_dir / file_name
         partial = final.with_suffix(".partial")
         save_file(
@@ -199,22 +306,40 @@ class Journal:
             str(partial),
         )
         with open(partial, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
             os.fsync(handle.fileno())
         os.replace(partial, final)
         _fsync_directory(self.delta_dir)
+        return digest
 
     def deltas(self, batch: BatchRecord) -> dict[str, torch.Tensor]:
+        """The batch's weight deltas, checked against the sha256 its row keeps."""
         if batch.delta_file is None:
             return {}
         path = self.delta_dir / batch.delta_file
         if not path.is_file():
             raise JournalError(f"batch {batch.id}: its delta file {path} is missing")
-        return load_file(str(path))
+        data = path.read_bytes()
+        if (
+            batch.delta_sha256 is not None
+            and hashlib.sha256(data).hexdigest() != batch.delta_sha256
+        ):
+            raise JournalError(
+                f"batch {batch.id}: its delta file {path} is not the one the journal wrote "
+                "(corrupted, truncated or replaced)"
+            )
+        try:
+            return load(data)
+        except SafetensorError as error:
+            raise JournalError(
+                f"batch {batch.id}: its delta file {path} is unreadable ({error})"
+            ) from None
 
     def set_status(self, batch_id: int, status: str) -> BatchRecord:
         batch = self.batch(batch_id)
         if batch.status != APPLIED:
             raise JournalError(f"batch {batch_id} is {batch.status}, not applied")
+        self.lock_for_writing()
         with self._lock:
             self._connection.execute(
                 "UPDATE batches SET status = ?, updated_at = ? WHERE id = ?",
@@ -233,7 +358,8 @@ class Journal:
     ) -> list[BatchRecord]:
         query = (
             "SELECT b.id, b.status, b.method, b.method_config, b.model, b.base_sha256, "
-            "b.delta_file, b.error, b.created_at, b.updated_at, group_concat(e.id) "
+            "b.delta_file, b.delta_sha256, b.error, b.created_at, b.updated_at, "
+            "group_concat(e.id) "
             "FROM batches b LEFT JOIN edits e ON e.batch_id = b.id"
         )
         conditions, values = [], []
@@ -257,10 +383,11 @@ class Journal:
                 model=row[4],
                 base_sha256=row[5],
                 delta_file=row[6],
-                error=row[7],
-                created_at=row[8],
-                updated_at=row[9],
-                edit_ids=tuple(sorted(int(i) for i in row[10].split(","))) if row[10] else (),
+                delta_sha256=row[7],
+                error=row[8],
+                created_at=row[9],
+                updated_at=row[10],
+                edit_ids=tuple(sorted(int(i) for i in row[11].split(","))) if row[11] else (),
             )
             for row in rows
         ]
@@ -294,9 +421,10 @@ class JournaledModel:
 
     On construction the model (freshly loaded, unedited) is brought to the
     journal's state by replaying the applied batches; nothing is recomputed.
-    Without an editor it can replay and undo but not edit (export, history).
-    Editors whose batches are not weight deltas (ELDER, GRACE) are refused:
-    nothing of theirs could be stored or replayed.
+    With an editor it takes the journal's write lock; without one it can
+    replay but not edit (export, history). Editors whose batches are not
+    weight deltas (ELDER, GRACE) are refused: nothing of theirs could be
+    stored or replayed.
     """
 
     def __init__(
@@ -313,7 +441,15 @@ class JournaledModel:
         self.editor = editor
         self._base: dict[str, torch.Tensor] = {}
         self._base_hashes: dict[tuple[str, ...], str] = {}
-        self.rebuild()
+        locking = editor is not None and not journal.writing
+        if locking:
+            journal.lock_for_writing()
+        try:
+            self.rebuild()
+        except BaseException:
+            if locking:
+                journal.release_lock()
+            raise
 
     def _base_sha256(self, names) -> str:
         key = tuple(sorted(names))
@@ -326,12 +462,16 @@ class JournaledModel:
             if name not in self._base:
                 self._base[name] = self.handle.weight_of(name).detach().clone()
 
-    @torch.no_grad()
-    def rebuild(self) -> None:
-        """Set the edited modules to base weights plus every applied batch, in order."""
-        for name, base in self._base.items():
-            self.handle.weight_of(name).copy_(base)
+    def _replayed(self, without: int | None = None) -> dict[str, torch.Tensor]:
+        """The edited modules' weights: base plus every applied batch (but `without`), in order.
+
+        Computed apart from the live weights, which stay as they are if any
+        batch's file is missing, corrupted or written for other base weights.
+        """
+        weights = dict(self._base)
         for batch in self.journal.batches(status=APPLIED):
+            if batch.id == without:
+                continue
             if batch.model != self.handle.name:
                 raise JournalError(
                     f"batch {batch.id} was written for model '{batch.model}', "
@@ -344,7 +484,19 @@ class JournaledModel:
                     f"batch {batch.id}: the base weights of {sorted(deltas)} differ from those "
                     "the batch was computed on (another model or another revision)"
                 )
-            add_weight_deltas(self.handle, deltas)
+            for name in deltas:
+                weights.setdefault(name, self._base[name])
+            weights.update(added_weights(weights, deltas))
+        return weights
+
+    @torch.no_grad()
+    def _switch(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, value in weights.items():
+            self.handle.weight_of(name).copy_(value)
+
+    def rebuild(self) -> None:
+        """Set the edited modules to base weights plus every applied batch, in order."""
+        self._switch(self._replayed())
 
     def apply(self, requests: Sequence[EditRequest]) -> BatchRecord:
         """Edit the model and journal the batch; on any failure the model is unchanged.
@@ -386,6 +538,20 @@ class JournaledModel:
             raise
 
     def undo(self, batch_id: int) -> BatchRecord:
-        record = self.journal.set_status(batch_id, UNDONE)
-        self.rebuild()
-        return record
+        """Undo one applied batch, all or nothing.
+
+        The weights without it are computed first; only then are they switched
+        in and the journal updated. If either step fails, the live model and
+        the journal are as they were.
+        """
+        batch = self.journal.batch(batch_id)
+        if batch.status != APPLIED:
+            raise JournalError(f"batch {batch_id} is {batch.status}, not applied")
+        weights = self._replayed(without=batch_id)
+        current = {name: self.handle.weight_of(name).detach().clone() for name in weights}
+        self._switch(weights)
+        try:
+            return self.journal.set_status(batch_id, UNDONE)
+        except BaseException:
+            self._switch(current)
+            raise

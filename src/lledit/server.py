@@ -448,7 +448,8 @@ def serve(
     max_batch_size: int,
     max_body_bytes: int,
 ) -> None:
-    """Serve until interrupted; in-flight requests finish on SIGINT/SIGTERM.
+    """Serve until interrupted; in-flight requests finish on SIGINT/SIGTERM, then the
+    journal is closed (its WAL checkpointed, its write lock released).
 
     The socket is bound here rather than by uvicorn so that a taken port is an
     ordinary `OSError` and the log names the port actually bound (port 0 picks
@@ -471,4 +472,7 @@ def serve(
         " with bearer token" if token else "",
     )
     config = uvicorn.Config(app, log_level="warning", workers=1)
-    uvicorn.Server(config).run(sockets=[listener])
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        model.journal.close()
