@@ -254,3 +254,22 @@ def test_a_file_that_is_not_a_journal_is_refused_unchanged(tmp_path):
             Journal(path)
         assert path.read_bytes() == before
         assert not path.with_name(path.name + ".deltas").exists()
+
+
+def test_an_undo_through_the_journal_releases_the_editors_held_keys(
+    fresh, requests_small, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    handle = fresh()
+    settings = {"layers": "1,2", "stats_samples": 600, "prefix_count": 1, "prefix_length": 3,
+                "value_steps": 3, "null_space_threshold": 0.5}  # fmt: skip
+    editor = make_editor("alphaedit", handle, **settings)
+    live = JournaledModel(handle, Journal(tmp_path / "j.db"), editor)
+    first = live.apply(requests_small[:1])
+    held_after_first = {name: gram.clone() for name, gram in editor.past_keys.items()}
+    second = live.apply(requests_small[1:])
+    live.undo(second.id)
+    for name, gram in editor.past_keys.items():
+        torch.testing.assert_close(gram, held_after_first[name], rtol=0, atol=1e-9)
+    live.undo(first.id)
+    assert all(gram.abs().max() < 1e-9 for gram in editor.past_keys.values())

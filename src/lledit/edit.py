@@ -104,9 +104,17 @@ class WeightDelta:
                 weight.copy_(before)
             else:
                 weight.copy_(_added(weight, -self.deltas[name]))
+        self.release()
+        self._undone = True
+
+    def release(self) -> None:
+        """Let the editor forget what it holds of this batch (its keys), once.
+
+        `undo` does it; a journal that rebuilds the weights itself calls it alone.
+        """
         if self._on_undo is not None:
             self._on_undo()
-        self._undone = True
+            self._on_undo = None
 
 
 @torch.no_grad()

@@ -441,6 +441,8 @@ class JournaledModel:
         self.editor = editor
         self._base: dict[str, torch.Tensor] = {}
         self._base_hashes: dict[tuple[str, ...], str] = {}
+        self._applied: dict[int, WeightDelta] = {}
+        """The batches this process applied, whose editor state an undo releases."""
         locking = editor is not None and not journal.writing
         if locking:
             journal.lock_for_writing()
@@ -525,7 +527,7 @@ class JournaledModel:
                 for name, before in applied.before.items():
                     self._base.setdefault(name, before)
             base_sha256 = self._base_sha256(deltas)
-            return self.journal.record(
+            record = self.journal.record(
                 requests,
                 method=self.editor.name,
                 method_config=config,
@@ -536,6 +538,9 @@ class JournaledModel:
         except BaseException:
             applied.undo()
             raise
+        if isinstance(applied, WeightDelta):
+            self._applied[record.id] = applied
+        return record
 
     def undo(self, batch_id: int) -> BatchRecord:
         """Undo one applied batch, all or nothing.
@@ -551,7 +556,11 @@ class JournaledModel:
         current = {name: self.handle.weight_of(name).detach().clone() for name in weights}
         self._switch(weights)
         try:
-            return self.journal.set_status(batch_id, UNDONE)
+            record = self.journal.set_status(batch_id, UNDONE)
         except BaseException:
             self._switch(current)
             raise
+        applied = self._applied.pop(batch_id, None)
+        if applied is not None:
+            applied.release()
+        return record

@@ -103,6 +103,8 @@ class HypernetEditor:
             deltas = self.network.deltas(captured, None if held is None else held.precisions)
         if held is None:
             return apply_weight_deltas(self.handle, deltas)
-        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: held.release(captured))
-        held.hold(captured)  # only a batch that was applied
+        # The undo record keeps the keys alone, not the batch's gradients.
+        keys = {name: module.keys for name, module in captured.items()}
+        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: held.release(keys))
+        held.hold(keys)  # only a batch that was applied
         return applied

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 
 import torch
 
-from lledit.hypernet.capture import Captured
 from lledit.hypernet.network import Hypernetwork, ModuleShape
 from lledit.hypernet.update import precision_with_keys
 
@@ -55,15 +54,15 @@ class HeldKeys:
         return (self.weight / self.network.log_ridge.detach().exp()).tolist()
 
     @torch.no_grad()
-    def hold(self, captured: Mapping[str, Captured]) -> None:
-        """Add one batch's keys in every module."""
+    def hold(self, keys: Mapping[str, torch.Tensor]) -> None:
+        """Add one batch's keys (tokens, d_in) in every module."""
         for module, weight in zip(self.network.modules_edited, self._key_weights(), strict=True):
-            name, module_keys = module.name, captured[module.name].keys.double()
+            name, module_keys = module.name, keys[module.name].double()
             self.second_moments[name] += module_keys.T @ module_keys
             self.precisions[name] = precision_with_keys(self.precisions[name], module_keys, weight)
 
     @torch.no_grad()
-    def release(self, captured: Mapping[str, Captured]) -> None:
+    def release(self, keys: Mapping[str, torch.Tensor]) -> None:
         """Let go of one batch's keys.
 
         P is formed again from C and the keys still held, as (I + w e^-λ C⁻¹ S)⁻¹ C⁻¹:
@@ -71,7 +70,7 @@ class HeldKeys:
         keys outweigh the ridge many times over.
         """
         for module, weight in zip(self.network.modules_edited, self._key_weights(), strict=True):
-            name, module_keys = module.name, captured[module.name].keys.double()
+            name, module_keys = module.name, keys[module.name].double()
             self.second_moments[name] -= module_keys.T @ module_keys
             unheld = self._unheld(module)
             system = torch.eye(module.d_in, dtype=torch.float64, device=unheld.device)

@@ -250,7 +250,7 @@ class HypernetTrainer:
                 deltas = network.deltas(captured, None if held is None else held.precisions)
                 add_weight_deltas(handle, {n: d.detach() for n, d in deltas.items()})
                 if held is not None:
-                    held.hold(captured)
+                    held.hold({name: module.keys for name, module in captured.items()})
                 parts, grads = weight_gradients(
                     handle,
                     self.module_names,

@@ -87,7 +87,9 @@ class AlphaEdit:
         self.projections: dict[str, torch.Tensor] | None = None
         """P per edited module."""
         self.past_keys: dict[str, torch.Tensor] = {}
-        """K_p K_pᵀ per module: the keys of every batch this editor applied."""
+        """K_p K_pᵀ per module: the keys of every batch this editor applied. Each
+        applied batch's record keeps only its keys, (d_in, edits), from which an
+        undo takes the same K Kᵀ back out."""
         self._pending: dict[str, torch.Tensor] = {}
 
     def prepare(self) -> None:
@@ -108,7 +110,7 @@ class AlphaEdit:
         past = self.past_keys.get(module)
         if past is None:
             past = torch.zeros(len(projection), len(projection), dtype=torch.float64)
-        self._pending[module] = keys.double() @ keys.double().T
+        self._pending[module] = keys
         return alphaedit_delta(residual, keys, projection, past, self.config.l2)
 
     def apply(self, batch: Sequence[EditRequest]) -> WeightDelta:
@@ -117,15 +119,22 @@ class AlphaEdit:
         self.prepare()
         self._pending = {}
         deltas = self.locator.deltas(batch, self._solve)
-        grams = self._pending
-        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: self._release(grams))
+        keys = self._pending
+        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: self._release(keys))
         # Only a batch that was applied joins the keys to protect.
-        for module, gram in grams.items():
+        for module, module_keys in keys.items():
+            gram = _gram(module_keys)
             past = self.past_keys.get(module)
             self.past_keys[module] = gram if past is None else past + gram
         return applied
 
-    def _release(self, grams: dict[str, torch.Tensor]) -> None:
+    def _release(self, keys: dict[str, torch.Tensor]) -> None:
         """An undone batch's keys are no longer protected."""
-        for module, gram in grams.items():
-            self.past_keys[module] = self.past_keys[module] - gram
+        for module, module_keys in keys.items():
+            self.past_keys[module] = self.past_keys[module] - _gram(module_keys)
+
+
+def _gram(keys: torch.Tensor) -> torch.Tensor:
+    """K Kᵀ in float64 for keys (d_in, n); the same keys always give the same bits."""
+    keys = keys.double()
+    return keys @ keys.T
