@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from lledit import EditRequest
 from lledit.cli import app
-from lledit.edit import NonFiniteUpdateError, apply_weight_deltas
+from lledit.edit import NonFiniteUpdateError, add_weight_deltas, apply_weight_deltas
 from lledit.journal import APPLIED, FAILED, UNDONE, Journal, JournaledModel, JournalError
 from lledit.methods import make_editor
 from lledit.model import ModelHandle, load_model
@@ -273,3 +273,33 @@ def test_an_undo_through_the_journal_releases_the_editors_held_keys(
         torch.testing.assert_close(gram, held_after_first[name], rtol=0, atol=1e-9)
     live.undo(first.id)
     assert all(gram.abs().max() < 1e-9 for gram in editor.past_keys.values())
+
+
+def test_snapshots_bound_the_replay_and_keep_undo_exact(fresh, requests_small, tmp_path):
+    path = tmp_path / "j.db"
+    handle = fresh()
+    live = JournaledModel(handle, Journal(path), make_editor("ft", handle, **FT), snapshot_every=2)
+    records = [live.apply([requests_small[i % 3]]) for i in range(5)]
+    assert [s.after_batch for s in live.journal.snapshots()] == [2, 4]
+    expected = snapshot(live.handle)
+    live.journal.close()
+    # The snapshot after batch 4 stands for batches 1-4: their files are not read.
+    away = tmp_path / "away"
+    away.mkdir()
+    for record in records[:4]:
+        (path.parent / "j.db.deltas" / record.delta_file).rename(away / record.delta_file)
+    assert_weights_equal(JournaledModel(fresh(), Journal(path)).handle, expected)
+    for record in records[:4]:
+        (away / record.delta_file).rename(path.parent / "j.db.deltas" / record.delta_file)
+
+    handle = fresh()
+    writer = JournaledModel(
+        handle, Journal(path), make_editor("ft", handle, **FT), snapshot_every=2
+    )
+    writer.undo(records[2].id)  # older than the last snapshot, which no longer applies
+    reference = fresh()
+    for index in (0, 1, 3, 4):
+        add_weight_deltas(reference, writer.journal.deltas(records[index]))
+    assert_weights_equal(writer.handle, snapshot(reference))
+    writer.journal.close()
+    assert_weights_equal(JournaledModel(fresh(), Journal(path)).handle, snapshot(reference))

@@ -80,6 +80,9 @@ DownloadOption = Annotated[
     bool, typer.Option(help="Let --model fetch weights from the Hugging Face Hub.")
 ]
 JournalOption = Annotated[Path, typer.Option("--journal", help="The journal database (J.db).")]
+SnapshotOption = Annotated[
+    int, typer.Option(help="Snapshot the edited weights every N batches (bounds replay time).")
+]
 GeneralItemsOption = Annotated[int, typer.Option(help="Scored items per general task.")]
 GeneralShotsOption = Annotated[int, typer.Option(help="Worked examples before each general item.")]
 
@@ -479,6 +482,7 @@ def _open_journaled(
     dtype: str,
     settings: list[str] | None,
     allow_download: bool,
+    snapshot_every: int,
 ) -> JournaledModel:
     """The base model brought to the journal's state, with an editor for new batches."""
     overrides = parse_settings(method, settings or [])
@@ -486,7 +490,7 @@ def _open_journaled(
     editor = make_editor(method, handle, **overrides)
     opened = Journal(journal)
     try:
-        return JournaledModel(handle, opened, editor)
+        return JournaledModel(handle, opened, editor, snapshot_every=snapshot_every)
     except BaseException:
         opened.close()
         raise
@@ -504,13 +508,16 @@ def edit(
     settings: SettingsOption = None,
     skip_invalid: SkipInvalidOption = False,
     allow_download: DownloadOption = False,
+    snapshot_every: SnapshotOption = 100,
 ) -> None:
     """Apply the edits in FILE batch by batch; each batch is journaled before the next."""
     try:
         if batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         requests = load_edit_dataset(str(file), skip_invalid=skip_invalid).requests
-        edited = _open_journaled(journal, method, model, device, dtype, settings, allow_download)
+        edited = _open_journaled(
+            journal, method, model, device, dtype, settings, allow_download, snapshot_every
+        )
         batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
         with edited.journal, progress.task(f"{method}: editing", total=len(batches)) as task:
             for batch in batches:
@@ -609,6 +616,7 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(help="Most edits in one POST.")] = 64,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1_000_000,
     allow_download: DownloadOption = False,
+    snapshot_every: SnapshotOption = 100,
 ) -> None:
     """Serve the journaled model over HTTP: edit, undo, generate, score."""
     logging.getLogger("lledit.server").setLevel(logging.INFO)  # say where it listens
@@ -618,7 +626,9 @@ def serve(
             token = token_file.read_text().strip()
             if not token:
                 raise ValueError(f"the token file {token_file} is empty")
-        edited = _open_journaled(journal, method, model, device, dtype, settings, allow_download)
+        edited = _open_journaled(
+            journal, method, model, device, dtype, settings, allow_download, snapshot_every
+        )
     except USER_ERRORS as error:
         raise _fail(error) from error
     run_server(

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -42,6 +43,8 @@ from safetensors.torch import load, save_file
 from lledit.data.request import EditRequest
 from lledit.edit import EditMethod, WeightDelta, added_weights, edits_weights
 from lledit.model import ModelHandle
+
+logger = logging.getLogger(__name__)
 
 APPLIED, UNDONE, FAILED = "applied", "undone", "failed"
 
@@ -61,6 +64,15 @@ CREATE TABLE IF NOT EXISTS batches (
     error TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY,
+    after_batch INTEGER NOT NULL,
+    batches TEXT NOT NULL,
+    file TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    base_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS edits (
     id INTEGER PRIMARY KEY,
@@ -92,6 +104,18 @@ class BatchRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "edit_ids": list(self.edit_ids)}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The edited modules' weights after `after_batch`, with exactly `batches` applied."""
+
+    id: int
+    after_batch: int
+    batches: tuple[int, ...]
+    file: str
+    sha256: str
+    base_sha256: str
 
 
 @dataclass(frozen=True)
@@ -216,7 +240,8 @@ class Journal:
             kept = {
                 row[0]
                 for row in self._connection.execute(
-                    "SELECT delta_file FROM batches WHERE delta_file IS NOT NULL"
+                    "SELECT delta_file FROM batches WHERE delta_file IS NOT NULL "
+                    "UNION SELECT file FROM snapshots"
                 )
             }
         for path in self.delta_dir.iterdir():
@@ -286,7 +311,7 @@ class Journal:
                 )
                 if deltas:
                     delta_file = f"batch-{batch_id:08d}.safetensors"
-                    digest = self._write_deltas(delta_file, deltas)
+                    digest = self._write_tensors(delta_file, deltas)
                     cursor.execute(
                         "UPDATE batches SET delta_file = ?, delta_sha256 = ? WHERE id = ?",
                         (delta_file, digest, batch_id),
@@ -297,12 +322,12 @@ class Journal:
                 raise
         return self.batch(batch_id)
 
-    def _write_deltas(self, file_name: str, deltas: dict[str, torch.Tensor]) -> str:
+    def _write_tensors(self, file_name: str, tensors: dict[str, torch.Tensor]) -> str:
         """Write and fsync the file; returns its sha256."""
         final = self.delta_dir / file_name
         partial = final.with_suffix(".partial")
         save_file(
-            {name: delta.detach().cpu().contiguous() for name, delta in deltas.items()},
+            {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()},
             str(partial),
         )
         with open(partial, "rb") as handle:
@@ -316,24 +341,70 @@ class Journal:
         """The batch's weight deltas, checked against the sha256 its row keeps."""
         if batch.delta_file is None:
             return {}
-        path = self.delta_dir / batch.delta_file
+        return self._read_tensors(
+            f"batch {batch.id}: its delta file", batch.delta_file, batch.delta_sha256
+        )
+
+    def _read_tensors(
+        self, what: str, file_name: str, sha256: str | None
+    ) -> dict[str, torch.Tensor]:
+        path = self.delta_dir / file_name
         if not path.is_file():
-            raise JournalError(f"batch {batch.id}: its delta file {path} is missing")
+            raise JournalError(f"{what} {path} is missing")
         data = path.read_bytes()
-        if (
-            batch.delta_sha256 is not None
-            and hashlib.sha256(data).hexdigest() != batch.delta_sha256
-        ):
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             raise JournalError(
-                f"batch {batch.id}: its delta file {path} is not the one the journal wrote "
-                "(corrupted, truncated or replaced)"
+                f"{what} {path} is not the one the journal wrote (corrupted, truncated or replaced)"
             )
         try:
             return load(data)
         except SafetensorError as error:
-            raise JournalError(
-                f"batch {batch.id}: its delta file {path} is unreadable ({error})"
-            ) from None
+            raise JournalError(f"{what} {path} is unreadable ({error})") from None
+
+    def record_snapshot(
+        self,
+        after_batch: int,
+        batches: Sequence[int],
+        weights: dict[str, torch.Tensor],
+        base_sha256: str,
+    ) -> Snapshot:
+        """Write the edited modules' weights after `after_batch` durably."""
+        self.lock_for_writing()
+        file_name = f"snapshot-{after_batch:08d}.safetensors"
+        digest = self._write_tensors(file_name, weights)
+        with self._lock:
+            cursor = self._connection.execute(
+                "INSERT INTO snapshots (after_batch, batches, file, sha256, base_sha256, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    after_batch,
+                    json.dumps(list(batches)),
+                    file_name,
+                    digest,
+                    base_sha256,
+                    time.time(),
+                ),
+            )
+        return Snapshot(
+            cursor.lastrowid, after_batch, tuple(batches), file_name, digest, base_sha256
+        )
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot, oldest first."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT id, after_batch, batches, file, sha256, base_sha256 FROM snapshots "
+                "ORDER BY after_batch, id"
+            ).fetchall()
+        return [Snapshot(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5]) for r in rows]
+
+    def snapshot_weights(self, snapshot: Snapshot) -> dict[str, torch.Tensor]:
+        """The snapshot's weights, checked against the sha256 its row keeps."""
+        return self._read_tensors(
+            f"the snapshot after batch {snapshot.after_batch}: its file",
+            snapshot.file,
+            snapshot.sha256,
+        )
 
     def set_status(self, batch_id: int, status: str) -> BatchRecord:
         batch = self.batch(batch_id)
@@ -428,8 +499,15 @@ class JournaledModel:
     """
 
     def __init__(
-        self, handle: ModelHandle, journal: Journal, editor: EditMethod | None = None
+        self,
+        handle: ModelHandle,
+        journal: Journal,
+        editor: EditMethod | None = None,
+        *,
+        snapshot_every: int = 100,
     ) -> None:
+        if snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be at least 1, got {snapshot_every}")
         if editor is not None and not edits_weights(editor):
             raise JournalError(
                 f"method '{editor.name}' keeps its edits in its own memory (adapters or a "
@@ -439,6 +517,9 @@ class JournaledModel:
         self.handle = handle
         self.journal = journal
         self.editor = editor
+        self.snapshot_every = snapshot_every
+        """Every this many applied batches the edited weights are snapshotted, so
+        start-up and undo replay only the batches since the last snapshot."""
         self._base: dict[str, torch.Tensor] = {}
         self._base_hashes: dict[tuple[str, ...], str] = {}
         self._applied: dict[int, WeightDelta] = {}
@@ -464,32 +545,64 @@ class JournaledModel:
             if name not in self._base:
                 self._base[name] = self.handle.weight_of(name).detach().clone()
 
+    def _latest_snapshot(self, applied: Sequence[int]) -> Snapshot | None:
+        """The newest snapshot that holds exactly the batches of `applied` up to its own."""
+        for snapshot in reversed(self.journal.snapshots()):
+            if list(snapshot.batches) == [i for i in applied if i <= snapshot.after_batch]:
+                return snapshot
+        return None
+
     def _replayed(self, without: int | None = None) -> dict[str, torch.Tensor]:
         """The edited modules' weights: base plus every applied batch (but `without`), in order.
 
-        Computed apart from the live weights, which stay as they are if any
-        batch's file is missing, corrupted or written for other base weights.
+        Starts from the newest snapshot that still describes the applied
+        batches. Computed apart from the live weights, which stay as they are
+        if any file is missing, corrupted or written for other base weights.
         """
-        weights = dict(self._base)
-        for batch in self.journal.batches(status=APPLIED):
-            if batch.id == without:
-                continue
+        batches = [b for b in self.journal.batches(status=APPLIED) if b.id != without]
+        for batch in batches:
             if batch.model != self.handle.name:
                 raise JournalError(
                     f"batch {batch.id} was written for model '{batch.model}', "
                     f"not '{self.handle.name}'"
                 )
+        weights = dict(self._base)
+        start = self._latest_snapshot([b.id for b in batches])
+        if start is not None:
+            saved = self.journal.snapshot_weights(start)
+            self._check_base(
+                saved, start.base_sha256, f"the snapshot after batch {start.after_batch}"
+            )
+            weights.update(saved)
+        for batch in batches:
+            if start is not None and batch.id <= start.after_batch:
+                continue
             deltas = self.journal.deltas(batch)
-            self._remember_base(deltas)
-            if self._base_sha256(deltas) != batch.base_sha256:
-                raise JournalError(
-                    f"batch {batch.id}: the base weights of {sorted(deltas)} differ from those "
-                    "the batch was computed on (another model or another revision)"
-                )
+            self._check_base(deltas, batch.base_sha256, f"batch {batch.id}")
             for name in deltas:
                 weights.setdefault(name, self._base[name])
             weights.update(added_weights(weights, deltas))
         return weights
+
+    def _check_base(self, names, expected: str | None, what: str) -> None:
+        self._remember_base(names)
+        if self._base_sha256(names) != expected:
+            raise JournalError(
+                f"{what}: the base weights of {sorted(names)} differ from those it was "
+                "computed on (another model or another revision)"
+            )
+
+    def _snapshot_if_due(self, after_batch: int) -> None:
+        applied = [b.id for b in self.journal.batches(status=APPLIED)]
+        start = self._latest_snapshot(applied)
+        since = [i for i in applied if start is None or i > start.after_batch]
+        if len(since) < self.snapshot_every:
+            return
+        weights = {name: self.handle.weight_of(name) for name in self._base}
+        try:
+            self.journal.record_snapshot(after_batch, applied, weights, self._base_sha256(weights))
+        except OSError as error:  # the batch is journaled; a snapshot only saves replay time
+            logger.warning("no snapshot after batch %d: %s", after_batch, error)
 
     @torch.no_grad()
     def _switch(self, weights: dict[str, torch.Tensor]) -> None:
@@ -540,6 +653,7 @@ class JournaledModel:
             raise
         if isinstance(applied, WeightDelta):
             self._applied[record.id] = applied
+        self._snapshot_if_due(record.id)
         return record
 
     def undo(self, batch_id: int) -> BatchRecord:
