@@ -303,3 +303,12 @@ def test_snapshots_bound_the_replay_and_keep_undo_exact(fresh, requests_small, t
     assert_weights_equal(writer.handle, snapshot(reference))
     writer.journal.close()
     assert_weights_equal(JournaledModel(fresh(), Journal(path)).handle, snapshot(reference))
+
+
+def test_a_journal_is_edited_by_the_method_that_wrote_it(fresh, requests_small, tmp_path):
+    live, _, _ = _two_batches(fresh, requests_small, tmp_path / "j.db")
+    live.journal.close()
+    handle = fresh()
+    with pytest.raises(JournalError, match=r"written by \['ft'\]; edit it with that method"):
+        JournaledModel(handle, Journal(tmp_path / "j.db"), make_editor("none", handle))
+    JournaledModel(handle, Journal(tmp_path / "j.db"))  # replay needs no method

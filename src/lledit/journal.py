@@ -514,6 +514,13 @@ class JournaledModel:
                 "codebook), not in weight deltas, so the journal could not replay them; "
                 "journal a weight-editing method, or keep this editor with its save(dir)"
             )
+        if editor is not None:
+            written_by = {b.method for b in journal.batches(status=APPLIED)} - {editor.name}
+            if written_by:
+                raise JournalError(
+                    f"{journal.path} holds batches written by {sorted(written_by)}; edit it with "
+                    f"that method (not '{editor.name}'), or start a new journal"
+                )
         self.handle = handle
         self.journal = journal
         self.editor = editor
