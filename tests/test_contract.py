@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import assert_weights_equal, make_tiny_model, snapshot
 
 from lledit import EditRequest, make_editor
+from lledit.edit import edits_weights
 from lledit.hypernet.training import HypernetTrainer
+from lledit.journal import Journal, JournaledModel, JournalError
 from lledit.methods import METHODS, parse_settings, train_config_class
 from lledit.model import ModelHandle
 
@@ -159,3 +162,53 @@ def test_settings_reach_the_config(method, tiny, checkpoints):
     assert bool(reached) == bool(numeric), f"no numeric setting of {method} could be set"
     with pytest.raises(ValueError, match=f"method '{method}' has no setting 'no_such_setting'"):
         parse_settings(method, ["no_such_setting=1"])
+
+
+def _state(editor) -> dict[str, torch.Tensor]:
+    """What an editor holds for later batches, wherever it keeps it."""
+    if hasattr(editor, "past_keys"):
+        return dict(editor.past_keys)
+    held = getattr(editor, "held", None)
+    return {} if held is None else {**held.second_moments, **held.precisions}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                raises=JournalError, strict=True, reason="the journal keeps weight deltas only"
+            ),
+        )
+        if not edits_weights(METHODS[name])
+        else name
+        for name in METHODS
+    ],
+)
+def test_a_restarted_stream_ends_where_an_uninterrupted_one_does(
+    method, tiny, checkpoints, tmp_path
+):
+    """Three batches in one go, against one batch, a restart from the journal, two more."""
+    batches = [[BATCH[0]], [BATCH[1]], [EditRequest("The chemical symbol for gold is", "Ag")]]
+    settings = _settings(method, tiny.arch.name, checkpoints)
+
+    def journaled(handle, path):
+        return JournaledModel(handle, Journal(path), make_editor(method, handle, **settings))
+
+    straight = journaled(tiny, tmp_path / "straight.db")
+    for batch in batches:
+        straight.apply(batch)
+    first = journaled(_copy(tiny), tmp_path / "restarted.db")
+    first.apply(batches[0])
+    first.journal.close()
+    # A restart on another machine: no cached key statistics to fall back on.
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+    restarted = journaled(_copy(tiny), tmp_path / "restarted.db")
+    for batch in batches[1:]:
+        restarted.apply(batch)
+    assert_weights_equal(restarted.handle, snapshot(straight.handle))
+    expected, found = _state(straight.editor), _state(restarted.editor)
+    assert found.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(found[name], value), name

@@ -31,8 +31,10 @@ class EditMethod(Protocol):
     timed as set-up; `apply` writes one batch into the model (an empty batch is
     a ValueError) and returns what undoes it exactly. `config_dict` is the
     JSON record of the settings, with `modules`, the names of the modules the
-    method edits as resolved on this model. `tests/test_contract.py` checks
-    every registered method against this.
+    method edits as resolved on this model. An editor whose later batches
+    depend on earlier ones (held keys) records that in `WeightDelta.held`
+    and takes it back after a restart with `hold(held) -> release`.
+    `tests/test_contract.py` checks every registered method against this.
     """
 
     name: ClassVar[str]
@@ -85,13 +87,18 @@ class WeightDelta:
         before: dict[str, torch.Tensor],
         deltas: dict[str, torch.Tensor],
         on_undo: Callable[[], None] | None = None,
+        held: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self._handle = handle
         self.before = before
         self.deltas = deltas
         """The (d_out, d_in) float32 delta added to each module's weight."""
-        self._on_undo = on_undo
-        """What the editor forgets of this batch once it is undone (the keys it holds)."""
+        self.on_undo = on_undo
+        """What the editor forgets of this batch once it is undone (the keys it
+        holds); a journal that rebuilds the weights itself calls it alone."""
+        self.held = held or {}
+        """What the editor holds of this batch for later ones (its keys, per module);
+        a journal keeps it, and a restarted editor takes it back with `hold`."""
         self._undone = False
 
     @torch.no_grad()
@@ -104,17 +111,9 @@ class WeightDelta:
                 weight.copy_(before)
             else:
                 weight.copy_(_added(weight, -self.deltas[name]))
-        self.release()
+        if self.on_undo is not None:
+            self.on_undo()
         self._undone = True
-
-    def release(self) -> None:
-        """Let the editor forget what it holds of this batch (its keys), once.
-
-        `undo` does it; a journal that rebuilds the weights itself calls it alone.
-        """
-        if self._on_undo is not None:
-            self._on_undo()
-            self._on_undo = None
 
 
 @torch.no_grad()
@@ -162,12 +161,13 @@ def apply_weight_deltas(
     handle: ModelHandle,
     deltas: Mapping[str, torch.Tensor],
     on_undo: Callable[[], None] | None = None,
+    held: dict[str, torch.Tensor] | None = None,
 ) -> WeightDelta:
     """`add_weight_deltas`, returning the record that undoes it exactly."""
     before = {name: handle.weight_of(name).detach().clone() for name in deltas}
     add_weight_deltas(handle, deltas)
     deltas = {name: delta.detach().float().clone() for name, delta in deltas.items()}
-    return WeightDelta(handle, before, deltas, on_undo)
+    return WeightDelta(handle, before, deltas, on_undo, held)
 
 
 @contextmanager

@@ -31,7 +31,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS batches (
     base_sha256 TEXT,
     delta_file TEXT,
     delta_sha256 TEXT,
+    held_file TEXT,
+    held_sha256 TEXT,
     error TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -97,6 +99,8 @@ class BatchRecord:
     base_sha256: str | None
     delta_file: str | None
     delta_sha256: str | None
+    held_file: str | None
+    held_sha256: str | None
     error: str | None
     created_at: float
     updated_at: float
@@ -179,8 +183,9 @@ class Journal:
             self._connection.executescript(SCHEMA)
             self._connection.execute(f"PRAGMA application_id={APPLICATION_ID}")
             columns = {row[1] for row in self._connection.execute("PRAGMA table_info(batches)")}
-            if "delta_sha256" not in columns:  # a journal written before the files' hashes
-                self._connection.execute("ALTER TABLE batches ADD COLUMN delta_sha256 TEXT")
+            for column in ("delta_sha256", "held_file", "held_sha256"):
+                if column not in columns:  # a journal written by an earlier lledit
+                    self._connection.execute(f"ALTER TABLE batches ADD COLUMN {column} TEXT")
         except BaseException:
             self._connection.close()
             raise
@@ -241,6 +246,7 @@ class Journal:
                 row[0]
                 for row in self._connection.execute(
                     "SELECT delta_file FROM batches WHERE delta_file IS NOT NULL "
+                    "UNION SELECT held_file FROM batches WHERE held_file IS NOT NULL "
                     "UNION SELECT file FROM snapshots"
                 )
             }
@@ -277,10 +283,14 @@ class Journal:
         model: str,
         base_sha256: str | None = None,
         deltas: dict[str, torch.Tensor] | None = None,
+        held: dict[str, torch.Tensor] | None = None,
         status: str = APPLIED,
         error: str | None = None,
     ) -> BatchRecord:
-        """Write a batch durably; returns once it is committed to disk."""
+        """Write a batch durably; returns once it is committed to disk.
+
+        `held` is what the editor holds of the batch for later ones (its keys).
+        """
         self.lock_for_writing()
         now = time.time()
         with self._lock:
@@ -316,6 +326,13 @@ class Journal:
                         "UPDATE batches SET delta_file = ?, delta_sha256 = ? WHERE id = ?",
                         (delta_file, digest, batch_id),
                     )
+                if held:
+                    held_file = f"batch-{batch_id:08d}.held.safetensors"
+                    digest = self._write_tensors(held_file, held)
+                    cursor.execute(
+                        "UPDATE batches SET held_file = ?, held_sha256 = ? WHERE id = ?",
+                        (held_file, digest, batch_id),
+                    )
                 cursor.execute("COMMIT")
             except BaseException:
                 cursor.execute("ROLLBACK")
@@ -343,6 +360,14 @@ class Journal:
             return {}
         return self._read_tensors(
             f"batch {batch.id}: its delta file", batch.delta_file, batch.delta_sha256
+        )
+
+    def held(self, batch: BatchRecord) -> dict[str, torch.Tensor]:
+        """What the editor held of the batch, checked against the sha256 its row keeps."""
+        if batch.held_file is None:
+            return {}
+        return self._read_tensors(
+            f"batch {batch.id}: its held file", batch.held_file, batch.held_sha256
         )
 
     def _read_tensors(
@@ -429,8 +454,8 @@ class Journal:
     ) -> list[BatchRecord]:
         query = (
             "SELECT b.id, b.status, b.method, b.method_config, b.model, b.base_sha256, "
-            "b.delta_file, b.delta_sha256, b.error, b.created_at, b.updated_at, "
-            "group_concat(e.id) "
+            "b.delta_file, b.delta_sha256, b.held_file, b.held_sha256, b.error, b.created_at, "
+            "b.updated_at, group_concat(e.id) "
             "FROM batches b LEFT JOIN edits e ON e.batch_id = b.id"
         )
         conditions, values = [], []
@@ -455,10 +480,12 @@ class Journal:
                 base_sha256=row[5],
                 delta_file=row[6],
                 delta_sha256=row[7],
-                error=row[8],
-                created_at=row[9],
-                updated_at=row[10],
-                edit_ids=tuple(sorted(int(i) for i in row[11].split(","))) if row[11] else (),
+                held_file=row[8],
+                held_sha256=row[9],
+                error=row[10],
+                created_at=row[11],
+                updated_at=row[12],
+                edit_ids=tuple(sorted(int(i) for i in row[13].split(","))) if row[13] else (),
             )
             for row in rows
         ]
@@ -529,13 +556,19 @@ class JournaledModel:
         start-up and undo replay only the batches since the last snapshot."""
         self._base: dict[str, torch.Tensor] = {}
         self._base_hashes: dict[tuple[str, ...], str] = {}
-        self._applied: dict[int, WeightDelta] = {}
-        """The batches this process applied, whose editor state an undo releases."""
+        self._releases: dict[int, Callable[[], None]] = {}
+        """Per applied batch, what lets the editor forget what it holds of it."""
         locking = editor is not None and not journal.writing
         if locking:
             journal.lock_for_writing()
         try:
+            if editor is not None:
+                # Statistics and sampled prefixes come from the base model, as in a
+                # run that never stopped, not from the edited one.
+                editor.prepare()
             self.rebuild()
+            if editor is not None:
+                self._hold_journaled()
         except BaseException:
             if locking:
                 journal.release_lock()
@@ -620,6 +653,13 @@ class JournaledModel:
         """Set the edited modules to base weights plus every applied batch, in order."""
         self._switch(self._replayed())
 
+    def _hold_journaled(self) -> None:
+        """Give the editor back what it held of each applied batch (its keys), in order."""
+        for batch in self.journal.batches(status=APPLIED):
+            held = self.journal.held(batch)
+            if held:
+                self._releases[batch.id] = self.editor.hold(held)
+
     def apply(self, requests: Sequence[EditRequest]) -> BatchRecord:
         """Edit the model and journal the batch; on any failure the model is unchanged.
 
@@ -654,12 +694,13 @@ class JournaledModel:
                 model=self.handle.name,
                 base_sha256=base_sha256,
                 deltas=deltas,
+                held=applied.held if isinstance(applied, WeightDelta) else None,
             )
         except BaseException:
             applied.undo()
             raise
-        if isinstance(applied, WeightDelta):
-            self._applied[record.id] = applied
+        if isinstance(applied, WeightDelta) and applied.on_undo is not None:
+            self._releases[record.id] = applied.on_undo
         self._snapshot_if_due(record.id)
         return record
 
@@ -681,7 +722,7 @@ class JournaledModel:
         except BaseException:
             self._switch(current)
             raise
-        applied = self._applied.pop(batch_id, None)
-        if applied is not None:
-            applied.release()
+        release = self._releases.pop(batch_id, None)
+        if release is not None:
+            release()
         return record

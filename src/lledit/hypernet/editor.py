@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -98,13 +98,24 @@ class HypernetEditor:
         captured = capture_gradients(self.handle, self.network.module_names, tokens)
         if self.config.earlier_keys_weight and self.held is None:
             self.held = HeldKeys(self.network, self.config.earlier_keys_weight, self.handle.device)
-        held = self.held
         with torch.no_grad():
-            deltas = self.network.deltas(captured, None if held is None else held.precisions)
-        if held is None:
+            deltas = self.network.deltas(
+                captured, None if self.held is None else self.held.precisions
+            )
+        if self.held is None:
             return apply_weight_deltas(self.handle, deltas)
-        # The undo record keeps the keys alone, not the batch's gradients.
+        # The batch's record keeps its keys alone, not its gradients.
         keys = {name: module.keys for name, module in captured.items()}
-        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: held.release(keys))
-        held.hold(keys)  # only a batch that was applied
+        applied = apply_weight_deltas(self.handle, deltas, held=keys)
+        applied.on_undo = self.hold(keys)  # only a batch that was applied
         return applied
+
+    def hold(self, keys: dict[str, torch.Tensor]) -> Callable[[], None]:
+        """Hold a batch's keys in the ridge: one just applied, or a journaled one
+        after a restart. Returns what releases them."""
+        self.prepare()
+        if self.held is None:
+            self.held = HeldKeys(self.network, self.config.earlier_keys_weight, self.handle.device)
+        held = self.held
+        held.hold(keys)
+        return lambda: held.release(keys)

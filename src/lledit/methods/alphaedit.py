@@ -10,7 +10,7 @@ Null-Space Constrained Knowledge Editing for Language Models", ICLR 2025).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -120,13 +120,19 @@ class AlphaEdit:
         self._pending = {}
         deltas = self.locator.deltas(batch, self._solve)
         keys = self._pending
-        applied = apply_weight_deltas(self.handle, deltas, on_undo=lambda: self._release(keys))
-        # Only a batch that was applied joins the keys to protect.
+        applied = apply_weight_deltas(
+            self.handle, deltas, on_undo=lambda: self._release(keys), held=keys
+        )
+        self.hold(keys)  # only a batch that was applied joins the keys to protect
+        return applied
+
+    def hold(self, keys: dict[str, torch.Tensor]) -> Callable[[], None]:
+        """Protect a batch's keys: one just applied, or a journaled one after a restart."""
         for module, module_keys in keys.items():
             gram = _gram(module_keys)
             past = self.past_keys.get(module)
             self.past_keys[module] = gram if past is None else past + gram
-        return applied
+        return lambda: self._release(keys)
 
     def _release(self, keys: dict[str, torch.Tensor]) -> None:
         """An undone batch's keys are no longer protected."""
