@@ -525,10 +525,9 @@ def test_grace_config_errors(tiny):
 # Journal and CLI -------------------------------------------------------------------------------
 
 
-def test_journal_refuses_memory_methods(tiny, requests_small, tmp_path):
-    for name in ("elder", "grace"):
-        with pytest.raises(JournalError, match=f"method '{name}' keeps its edits"):
-            JournaledModel(tiny, Journal(tmp_path / "j.db"), make_editor(name, tiny))
+def test_the_journal_refuses_elder_for_now(tiny, requests_small, tmp_path):
+    with pytest.raises(JournalError, match="method 'elder' keeps its edits in its own memory"):
+        JournaledModel(tiny, Journal(tmp_path / "j.db"), make_editor("elder", tiny))
     folder = tmp_path / "model"
     tiny.model.save_pretrained(folder)
     tiny.tokenizer.save_pretrained(folder)
@@ -536,10 +535,34 @@ def test_journal_refuses_memory_methods(tiny, requests_small, tmp_path):
     edits.write_text(json.dumps(requests_small[0].to_dict()) + "\n")
     result = CliRunner().invoke(
         app,
-        ["edit", str(edits), "--journal", str(tmp_path / "k.db"), "--method", "grace",
+        ["edit", str(edits), "--journal", str(tmp_path / "k.db"), "--method", "elder",
          "--model", str(folder)],
     )  # fmt: skip
-    assert result.exit_code == 2 and "keeps its edits" in result.output
+    assert result.exit_code == 2 and "cannot hold yet" in result.output
+
+
+def test_grace_through_the_journal_restart_and_undo(tiny, requests_small, tmp_path):
+    unrelated = ["The largest planet is", "Microsoft is based in"]
+    base = logits(tiny, unrelated)
+    settings = {"radius": 1e-3, "steps": 10}  # the tiny models' keys lie close together
+    live = JournaledModel(tiny, Journal(tmp_path / "j.db"), make_editor("grace", tiny, **settings))
+    first = live.apply(requests_small[:2])
+    edited = logits(tiny, [r.prompt for r in requests_small])
+    assert torch.equal(logits(tiny, unrelated), base)
+    live.journal.close()
+    restarted_model = same_model(tiny)
+    restarted = JournaledModel(
+        restarted_model,
+        Journal(tmp_path / "j.db"),
+        make_editor("grace", restarted_model, **settings),
+    )
+    assert torch.equal(logits(restarted_model, [r.prompt for r in requests_small]), edited)
+    restarted.undo(first.id)
+    assert restarted.editor.size == 0
+    assert torch.equal(
+        logits(restarted_model, [r.prompt for r in requests_small]),
+        logits(same_model(tiny), [r.prompt for r in requests_small]),
+    )
 
 
 def test_bench_runs_elder_and_grace(tiny, tmp_path):
@@ -684,3 +707,23 @@ def test_router_fit_sends_held_edits_back_to_the_loras_they_were_trained_through
     assert drifted < 1.0 and fitted == 1.0
     _, free = agreement_after_drift(tiny, requests_small, anchor_weight=0.0, router_steps=0)
     assert free < 1.0
+
+
+def test_a_grace_journal_is_not_exported_or_replayed_without_its_editor(
+    tiny, requests_small, tmp_path
+):
+    live = JournaledModel(tiny, Journal(tmp_path / "j.db"), make_editor("grace", tiny, steps=3))
+    live.apply(requests_small[:1])
+    live.journal.close()
+    with pytest.raises(JournalError, match="holds edits of 'grace', which live in the editor"):
+        JournaledModel(same_model(tiny), Journal(tmp_path / "j.db"))
+    folder = tmp_path / "model"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    result = CliRunner().invoke(
+        app,
+        ["export", "--journal", str(tmp_path / "j.db"), "--model", str(folder),
+         "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "holds edits of 'grace'" in result.output
+    assert not (tmp_path / "out").exists()

@@ -348,3 +348,24 @@ def test_lock_writer_excludes_readers_and_goes_first():
     for thread in threads:
         thread.join(5)
     assert order == ["first reader", "writer", "late reader"]
+
+
+def test_grace_is_served_generates_through_its_codebook_and_undoes(tiny, tmp_path):
+    editor = make_editor("grace", tiny, radius=1e-3, steps=10)
+    with Journal(tmp_path / "j.db") as journal:
+        app = create_app(JournaledModel(tiny, journal, editor), max_batch_size=4,
+                         max_body_bytes=MAX_BODY_BYTES)  # fmt: skip
+        with TestClient(app) as client:
+
+            def answer(prompt: str) -> dict:
+                body = {"prompt": prompt, "max_new_tokens": 5}
+                return client.post("/v1/generate", json=body).json()
+
+            unrelated, edited_prompt = "The largest planet is", EDITS[0]["prompt"]
+            before = answer(unrelated), answer(edited_prompt)
+            applied = client.post("/v1/edits", json={"edits": EDITS[:1]}).json()
+            assert applied["status"] == "applied"
+            assert answer(unrelated) == before[0]  # byte for byte the unedited model's
+            assert answer(edited_prompt) != before[1]
+            assert client.delete(f"/v1/batches/{applied['batch_id']}").status_code == 200
+            assert (answer(unrelated), answer(edited_prompt)) == before

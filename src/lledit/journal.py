@@ -42,9 +42,13 @@ from safetensors.torch import load, save_file
 
 from lledit.data.request import EditRequest
 from lledit.edit import EditMethod, WeightDelta, added_weights, edits_weights
+from lledit.methods import METHODS
 from lledit.model import ModelHandle
 
 logger = logging.getLogger(__name__)
+
+MEMORY_METHODS = {name for name, method in METHODS.items() if not edits_weights(method)}
+"""Methods whose batches live in the editor, so that replaying weights alone would lose them."""
 
 APPLIED, UNDONE, FAILED = "applied", "undone", "failed"
 
@@ -520,9 +524,10 @@ class JournaledModel:
     On construction the model (freshly loaded, unedited) is brought to the
     journal's state by replaying the applied batches; nothing is recomputed.
     With an editor it takes the journal's write lock; without one it can
-    replay but not edit (export, history). Editors whose batches are not
-    weight deltas (ELDER, GRACE) are refused: nothing of theirs could be
-    stored or replayed.
+    replay but not edit (export, history). A memory editor's batches are
+    journaled as what the editor holds of them (GRACE's codebook entries) and
+    given back through its `hold` on start-up; one without `hold` (ELDER, for
+    now) is refused.
     """
 
     def __init__(
@@ -535,12 +540,21 @@ class JournaledModel:
     ) -> None:
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be at least 1, got {snapshot_every}")
-        if editor is not None and not edits_weights(editor):
+        if editor is not None and not (edits_weights(editor) or hasattr(editor, "hold")):
             raise JournalError(
-                f"method '{editor.name}' keeps its edits in its own memory (adapters or a "
-                "codebook), not in weight deltas, so the journal could not replay them; "
-                "journal a weight-editing method, or keep this editor with its save(dir)"
+                f"method '{editor.name}' keeps its edits in its own memory, which the journal "
+                "cannot hold yet; keep this editor with its save(dir)"
             )
+        if editor is None:
+            in_memory = sorted(
+                {b.method for b in journal.batches(status=APPLIED) if b.method in MEMORY_METHODS}
+            )
+            if in_memory:
+                raise JournalError(
+                    f"{journal.path} holds edits of '{in_memory[0]}', which live in the editor's "
+                    "memory, not in the weights: open it with that method (lledit serve/edit "
+                    "--method), since the weights alone would be the unedited model"
+                )
         if editor is not None:
             written_by = {b.method for b in journal.batches(status=APPLIED)} - {editor.name}
             if written_by:
@@ -694,13 +708,15 @@ class JournaledModel:
                 model=self.handle.name,
                 base_sha256=base_sha256,
                 deltas=deltas,
-                held=applied.held if isinstance(applied, WeightDelta) else None,
+                held=getattr(applied, "held", None),
             )
         except BaseException:
             applied.undo()
             raise
-        if isinstance(applied, WeightDelta) and applied.on_undo is not None:
-            self._releases[record.id] = applied.on_undo
+        # A memory editor's batch lives in the editor alone: its undo is the release.
+        release = applied.on_undo if isinstance(applied, WeightDelta) else applied.undo
+        if release is not None:
+            self._releases[record.id] = release
         self._snapshot_if_due(record.id)
         return record
 

@@ -31,11 +31,18 @@ class HeldBatch:
 
 
 class MemoryEdit:
-    """One batch applied by a memory editor: undo removes exactly that batch."""
+    """One batch applied by a memory editor: undo removes exactly that batch.
 
-    def __init__(self, editor: MemoryEditor, batch: HeldBatch) -> None:
+    `held` is what a journal keeps of it, for the editor's `hold` to put back
+    after a restart (editors that can be journaled provide both).
+    """
+
+    def __init__(
+        self, editor: MemoryEditor, batch: HeldBatch, held: dict[str, torch.Tensor] | None = None
+    ) -> None:
         self._editor = editor
         self._batch = batch
+        self.held = held or {}
 
     def undo(self) -> None:
         self._editor._undo(self._batch)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -216,10 +216,20 @@ class GRACE(MemoryEditor):
                 "rejected and the codebook left unchanged"
             )
         radii = torch.full((len(batch),), self.config.radius, device=values.device)
-        entries = _Entries(state["keys"], values, radii)
+        held = {"keys": state["keys"], "values": values, "radii": radii}
+        entries = self._hold(held)
+        return MemoryEdit(self, entries, held)
+
+    def hold(self, held: dict[str, torch.Tensor]) -> Callable[[], None]:
+        """Put a journaled batch's entries back (after a restart); returns its undo."""
+        return MemoryEdit(self, self._hold(held)).undo
+
+    def _hold(self, held: dict[str, torch.Tensor]) -> _Entries:
+        device = self.handle.device
+        entries = _Entries(*(held[part].to(device) for part in ("keys", "values", "radii")))
         self._batches.append(entries)
         self._codebook = None
-        return MemoryEdit(self, entries)
+        return entries
 
     def _forget(self, entries: _Entries) -> None:
         """The concatenated codebook is rebuilt without the batch's entries."""
