@@ -540,28 +540,7 @@ class JournaledModel:
     ) -> None:
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be at least 1, got {snapshot_every}")
-        if editor is not None and not (edits_weights(editor) or hasattr(editor, "hold")):
-            raise JournalError(
-                f"method '{editor.name}' keeps its edits in its own memory, which the journal "
-                "cannot hold yet; keep this editor with its save(dir)"
-            )
-        if editor is None:
-            in_memory = sorted(
-                {b.method for b in journal.batches(status=APPLIED) if b.method in MEMORY_METHODS}
-            )
-            if in_memory:
-                raise JournalError(
-                    f"{journal.path} holds edits of '{in_memory[0]}', which live in the editor's "
-                    "memory, not in the weights: open it with that method (lledit serve/edit "
-                    "--method), since the weights alone would be the unedited model"
-                )
-        if editor is not None:
-            written_by = {b.method for b in journal.batches(status=APPLIED)} - {editor.name}
-            if written_by:
-                raise JournalError(
-                    f"{journal.path} holds batches written by {sorted(written_by)}; edit it with "
-                    f"that method (not '{editor.name}'), or start a new journal"
-                )
+        _check_method(journal, editor)
         self.handle = handle
         self.journal = journal
         self.editor = editor
@@ -742,3 +721,29 @@ class JournaledModel:
         if release is not None:
             release()
         return record
+
+
+def _check_method(journal: Journal, editor: EditMethod | None) -> None:
+    """Refuse an editor the journal cannot hold or did not write, and a replay
+    without its editor that would silently leave a memory method's edits out."""
+    written_by = {batch.method for batch in journal.batches(status=APPLIED)}
+    if editor is None:
+        in_memory = sorted(written_by & MEMORY_METHODS)
+        if in_memory:
+            raise JournalError(
+                f"{journal.path} holds edits of '{in_memory[0]}', which live in the editor's "
+                "memory, not in the weights: open it with that method (lledit serve/edit "
+                "--method), since the weights alone would be the unedited model"
+            )
+        return
+    if not (edits_weights(editor) or hasattr(editor, "hold")):
+        raise JournalError(
+            f"method '{editor.name}' keeps its edits in its own memory, which the journal "
+            "cannot hold yet; keep this editor with its save(dir)"
+        )
+    others = written_by - {editor.name}
+    if others:
+        raise JournalError(
+            f"{journal.path} holds batches written by {sorted(others)}; edit it with "
+            f"that method (not '{editor.name}'), or start a new journal"
+        )
