@@ -549,3 +549,19 @@ def test_builtin_sample() -> None:
     assert not train_prompts & {request.prompt for request in splits["eval"].requests}
     infos = [info for info in list_datasets() if info.name == "builtin"]
     assert all(info.present and info.sha256_ok is None for info in infos)
+
+
+def test_text_that_cannot_be_stored_is_refused_with_its_field(tmp_path):
+    with pytest.raises(
+        InvalidEditError, match=r"field 'prompt': holds a lone surrogate \(U\+D800\)"
+    ):
+        EditRequest("The capital \ud800", "x")
+    with pytest.raises(InvalidEditError, match=r"locality\[0\].answer': holds a control character"):
+        EditRequest("p", "x", locality=[("q", "a\x1bb")])
+    assert EditRequest("line one\n\tline two", "x").prompt == "line one\n\tline two"
+    path = tmp_path / "edits.jsonl"
+    path.write_text(
+        '{"prompt": "fine", "target_new": "x"}\n{"prompt": "bad\\u0000", "target_new": "x"}\n'
+    )
+    with pytest.raises(InvalidEditError, match=r"edits.jsonl, record 1: field 'prompt'"):
+        load_dataset(str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -369,3 +370,55 @@ def test_grace_is_served_generates_through_its_codebook_and_undoes(tiny, tmp_pat
             assert answer(edited_prompt) != before[1]
             assert client.delete(f"/v1/batches/{applied['batch_id']}").status_code == 200
             assert (answer(unrelated), answer(edited_prompt)) == before
+
+
+# The service's edge -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/edits", {"edits": [{"prompt": "The capital \ud800 is", "target_new": "x"}]},
+         "edits[0].prompt"),
+        ("/v1/edits", {"edits": [{"prompt": "p", "target_new": "x", "rephrases": ["a\x00b"]}]},
+         "edits[0].rephrases[0]"),
+        ("/v1/generate", {"prompt": "lone \udfff"}, "prompt"),
+        ("/v1/score", {"prompt": "p", "candidates": ["fine", "bell \x07"]}, "candidates"),
+    ],
+)  # fmt: skip
+def test_text_that_cannot_be_stored_is_refused_and_the_listing_stays_healthy(
+    client, edited, path, body, field
+):
+    response = client.post(
+        path,
+        content=json.dumps(body, ensure_ascii=True),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    reasons = ("surrogate", "control character", "unicode string")
+    assert field in response.text and any(reason in response.text for reason in reasons)
+    assert edited.journal.batches() == []
+    assert client.get("/v1/edits").status_code == 200
+
+
+def test_a_subject_not_in_its_prompt_is_refused_without_a_failed_batch(client, edited):
+    body = {"edits": [{"prompt": "The capital of France is", "target_new": "x", "subject": "Rome"}]}
+    response = client.post("/v1/edits", json=body)
+    assert response.status_code == 422
+    assert "edits[0].subject: does not occur in the prompt" in response.text
+    assert edited.journal.batches() == []
+
+
+def test_an_edit_longer_than_the_context_is_refused(client, edited):
+    long_prompt = " ".join(["word"] * 300)  # the tiny models' context is 256 tokens
+    body = {"edits": [{"prompt": long_prompt, "target_new": "x"}]}
+    response = client.post("/v1/edits", json=body)
+    assert response.status_code == 422
+    assert "edits[0].prompt + target_new" in response.text and "context" in response.text
+    assert edited.journal.batches() == []
+
+
+@pytest.mark.parametrize("path", ["/v1/edits/99999999999999999999", "/v1/edits/0"])
+def test_ids_out_of_range_are_not_found(client, path):
+    assert client.get(path).status_code == 404
+    assert client.delete("/v1/batches/99999999999999999999").status_code == 404

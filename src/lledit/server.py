@@ -29,10 +29,17 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lledit.data.request import MAX_PROMPT_CHARS, MAX_TARGET_CHARS, EditRequest, InvalidEditError
+from lledit.data.request import (
+    MAX_PROMPT_CHARS,
+    MAX_TARGET_CHARS,
+    EditRequest,
+    InvalidEditError,
+    text_problem,
+)
 from lledit.edit import NonFiniteUpdateError
 from lledit.eval.scoring import score_pairs
 from lledit.journal import APPLIED, BatchRecord, JournaledModel, JournalError
+from lledit.locate import SubjectNotFoundError, subject_span
 from lledit.model import ModelHandle
 from lledit.tokens import join
 
@@ -88,14 +95,16 @@ class ReadWriteLock:
                 self._condition.notify_all()
 
 
-def _not_blank(value: str) -> str:
+def _text(value: str) -> str:
+    if (problem := text_problem(value)) is not None:
+        raise PydanticCustomError("text", problem)
     if not value.strip():
         raise PydanticCustomError("blank", "is empty or whitespace only")
     return value
 
 
-Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
-Candidate = Annotated[str, Field(max_length=MAX_TARGET_CHARS), AfterValidator(_not_blank)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_text)]
+Candidate = Annotated[str, Field(max_length=MAX_TARGET_CHARS), AfterValidator(_text)]
 
 
 class Edit(BaseModel):
@@ -195,7 +204,11 @@ def _validation_message(errors: Sequence[dict[str, Any]]) -> str:
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    """422 with one readable message naming each bad field, plus FastAPI's error list."""
+    """422 with one readable message naming each bad field, plus FastAPI's error list.
+
+    The list leaves the rejected input out: it need not be text that can be
+    sent back (a lone surrogate cannot be encoded).
+    """
     errors = error.errors()
     message = _validation_message(errors)
     content_type = request.headers.get("content-type", "")
@@ -204,7 +217,12 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         message = f"send the body as JSON with 'Content-Type: application/json'; {message}"
     return JSONResponse(
         status_code=422,
-        content={"detail": message, "errors": jsonable_encoder(errors)},
+        content={
+            "detail": message,
+            "errors": [
+                jsonable_encoder({key: e[key] for key in ("loc", "msg", "type")}) for e in errors
+            ],
+        },
     )
 
 
@@ -292,18 +310,37 @@ def _check_fits(handle: ModelHandle, tokens: int, what: str) -> None:
         )
 
 
-def _edit_requests(edits: Sequence[Edit]) -> list[EditRequest]:
-    """Every edit through `EditRequest`'s checks, before any is applied."""
+def _edit_requests(handle: ModelHandle, edits: Sequence[Edit]) -> list[EditRequest]:
+    """Every edit through `EditRequest`'s checks, its subject found in its prompt and
+    its prompt and target within the model's context, before any is applied."""
     requests = []
     for index, edit in enumerate(edits):
         try:
-            requests.append(EditRequest.from_dict(edit.model_dump()))
+            request = EditRequest.from_dict(edit.model_dump())
+            subject_span(request)
         except InvalidEditError as error:
             raise HTTPException(
                 422,
                 detail=f"edits[{index}].{error.field}: {error.reason}",
             ) from error
+        except SubjectNotFoundError:
+            raise HTTPException(
+                422, detail=f"edits[{index}].subject: does not occur in the prompt"
+            ) from None
+        tokens = len(handle.tokenizer(join(request.prompt, request.target_new))["input_ids"])
+        _check_fits(handle, tokens, f"edits[{index}].prompt + target_new")
+        requests.append(request)
     return requests
+
+
+MAX_ID = 2**63 - 1
+"""The largest id SQLite stores; a larger one names nothing."""
+
+
+def _bounded_id(value: int, what: str) -> int:
+    if not 1 <= value <= MAX_ID:
+        raise HTTPException(404, detail=f"no {what} {value}")
+    return value
 
 
 def create_app(
@@ -350,7 +387,7 @@ def create_app(
                 detail=f"edits: {len(body.edits)} edits in one batch; the limit is "
                 f"{max_batch_size}",
             )
-        requests = _edit_requests(body.edits)
+        requests = _edit_requests(handle, body.edits)
         with lock.write():
             try:
                 batch = model.apply(requests)
@@ -375,6 +412,7 @@ def create_app(
 
     @guarded.get("/v1/edits/{edit_id}", response_model=EditOut)
     def get_edit(edit_id: int) -> dict[str, Any]:
+        _bounded_id(edit_id, "edit")
         try:
             return journal.edit(edit_id).to_dict()
         except JournalError as error:
@@ -383,6 +421,7 @@ def create_app(
     @guarded.delete("/v1/batches/{batch_id}", response_model=BatchRecord)
     def undo_batch(batch_id: int) -> dict[str, Any]:
         """Undo one applied batch; the other applied batches keep their deltas."""
+        _bounded_id(batch_id, "batch")
         with lock.write():
             try:
                 batch = journal.batch(batch_id)

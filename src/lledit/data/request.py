@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,9 +54,25 @@ class InvalidEditError(ValueError):
         return InvalidEditError(self.field, self.reason, source=source, index=index)
 
 
+_UNSAFE = re.compile("[\ud800-\udfff\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""Lone surrogates (which no encoder can write) and control characters but tab and newline."""
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored and shown as text, or None if it can."""
+    found = _UNSAFE.search(value)
+    if found is None:
+        return None
+    code = ord(found.group())
+    kind = "a lone surrogate" if 0xD800 <= code <= 0xDFFF else "a control character"
+    return f"holds {kind} (U+{code:04X}) at character {found.start()}"
+
+
 def _check_text(name: str, value: Any, limit: int) -> str:
     if not isinstance(value, str):
         raise InvalidEditError(name, f"expected a string, got {type(value).__name__}")
+    if (problem := text_problem(value)) is not None:
+        raise InvalidEditError(name, problem)
     if not value.strip():
         raise InvalidEditError(name, "is empty or whitespace only")
     if len(value) > limit:
