@@ -86,6 +86,7 @@ def test_edit_is_journaled_listed_and_fetched(client, edited):
         "model": edited.handle.name,
         "method": "ft",
         "batches_applied": 1,
+        "editing": False,
     }
 
 
@@ -422,3 +423,44 @@ def test_an_edit_longer_than_the_context_is_refused(client, edited):
 def test_ids_out_of_range_are_not_found(client, path):
     assert client.get(path).status_code == 404
     assert client.delete("/v1/batches/99999999999999999999").status_code == 404
+
+
+def test_the_edit_listing_pages(client, edited):
+    for prompt in ("The capital of France is", "The largest planet is", "Apple was founded by"):
+        client.post("/v1/edits", json={"edits": [{"prompt": prompt, "target_new": "x"}]})
+    first = client.get("/v1/edits", params={"limit": 2}).json()
+    assert [edit["id"] for edit in first["edits"]] == [1, 2] and first["next_after"] == 2
+    rest = client.get("/v1/edits", params={"limit": 2, "after": first["next_after"]}).json()
+    assert [edit["id"] for edit in rest["edits"]] == [3] and rest["next_after"] is None
+    assert client.get("/v1/edits", params={"limit": 0}).status_code == 422
+    assert client.get("/v1/edits", params={"limit": 100000}).status_code == 422
+
+
+def test_health_answers_while_an_edit_holds_the_model(client, edited, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    original = edited.apply
+
+    def slow_apply(requests):
+        started.set()
+        release.wait(10)
+        return original(requests)
+
+    monkeypatch.setattr(edited, "apply", slow_apply)
+    body = {"edits": [{"prompt": "The largest planet is", "target_new": "Mars"}]}
+    editing = threading.Thread(target=lambda: client.post("/v1/edits", json=body))
+    editing.start()
+    try:
+        assert started.wait(10)
+        health = client.get("/v1/health")
+        assert health.status_code == 200 and health.json()["editing"] is True
+    finally:
+        release.set()
+        editing.join(10)
+    assert client.get("/v1/health").json()["editing"] is False
+
+
+def test_a_score_request_over_its_token_budget_is_refused(client):
+    body = {"prompt": "The capital of France is " * 8, "candidates": ["Paris " * 20] * 100}
+    response = client.post("/v1/score", json=body)
+    assert response.status_code == 422
+    assert "candidates:" in response.text and "the limit is 2048" in response.text

@@ -494,16 +494,22 @@ class Journal:
             for row in rows
         ]
 
-    def edits(self, *, edit_id: int | None = None) -> list[EditRecord]:
+    def edits(
+        self, *, edit_id: int | None = None, after: int = 0, limit: int | None = None
+    ) -> list[EditRecord]:
+        """Edits in id order: one (`edit_id`), or a page of those after id `after`."""
         query = (
             "SELECT e.id, e.batch_id, b.status, e.request FROM edits e "
-            "JOIN batches b ON b.id = e.batch_id"
+            "JOIN batches b ON b.id = e.batch_id WHERE e.id > ?"
         )
-        values: list[Any] = []
+        values: list[Any] = [after]
         if edit_id is not None:
-            query += " WHERE e.id = ?"
+            query += " AND e.id = ?"
             values.append(edit_id)
         query += " ORDER BY e.id"
+        if limit is not None:
+            query += " LIMIT ?"
+            values.append(limit)
         with self._lock:
             rows = self._connection.execute(query, values).fetchall()
         return [

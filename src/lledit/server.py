@@ -20,7 +20,7 @@ from importlib.metadata import version
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 256
 MAX_CANDIDATES = 100
+MAX_SCORE_TOKENS = 2048
+"""Tokens of prompt + candidate, summed over a score request's candidates: scoring
+keeps a vocabulary-wide row of logits per token, so this bounds its memory."""
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+"""Edits per page of `GET /v1/edits`, by default and at most."""
 
 
 class ReadWriteLock:
@@ -62,6 +67,11 @@ class ReadWriteLock:
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
+
+    @property
+    def writing(self) -> bool:
+        """Whether a writer holds the lock now."""
+        return self._writing
 
     @contextmanager
     def read(self) -> Iterator[None]:
@@ -146,6 +156,9 @@ class EditOut(BaseModel):
 
 class EditList(BaseModel):
     edits: list[EditOut]
+    next_after: int | None = Field(
+        description="Pass as `after` for the next page; null on the last page."
+    )
 
 
 class GenerateIn(BaseModel):
@@ -181,6 +194,7 @@ class Health(BaseModel):
     model: str
     method: str
     batches_applied: int
+    editing: bool = Field(description="A batch is being applied or undone right now.")
 
 
 def _field_path(location: Sequence[str | int]) -> str:
@@ -370,12 +384,15 @@ def create_app(
     guarded = APIRouter(dependencies=[Depends(BearerToken(token))] if token else [])
 
     @app.get("/v1/health", response_model=Health)
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
+        # On the event loop, not in the thread pool that readers waiting behind a
+        # long edit can fill: a liveness probe is answered during edits too.
         return {
             "status": "ok",
             "model": handle.name,
             "method": method,
             "batches_applied": len(journal.batches(status=APPLIED)),
+            "editing": lock.writing,
         }
 
     @guarded.post("/v1/edits", response_model=BatchApplied)
@@ -407,8 +424,18 @@ def create_app(
         return {"batch_id": batch.id, "edit_ids": list(batch.edit_ids), "status": batch.status}
 
     @guarded.get("/v1/edits", response_model=EditList)
-    def list_edits() -> dict[str, Any]:
-        return {"edits": [edit.to_dict() for edit in journal.edits()]}
+    def list_edits(
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+    ) -> dict[str, Any]:
+        """Edits in id order, `limit` at a time, from the one after id `after`."""
+        page = journal.edits(after=after, limit=limit + 1)
+        more = len(page) > limit
+        page = page[:limit]
+        return {
+            "edits": [edit.to_dict() for edit in page],
+            "next_after": page[-1].id if more else None,
+        }
 
     @guarded.get("/v1/edits/{edit_id}", response_model=EditOut)
     def get_edit(edit_id: int) -> dict[str, Any]:
@@ -461,8 +488,14 @@ def create_app(
     def score(body: ScoreIn) -> dict[str, Any]:
         """Log-probability of each candidate as the continuation of the prompt."""
         joined = [join(body.prompt, candidate) for candidate in body.candidates]
-        longest = max(len(ids) for ids in handle.tokenizer(joined)["input_ids"])
-        _check_fits(handle, longest, "prompt + candidate")
+        lengths = [len(ids) for ids in handle.tokenizer(joined)["input_ids"]]
+        _check_fits(handle, max(lengths), "prompt + candidate")
+        if sum(lengths) > MAX_SCORE_TOKENS:
+            raise HTTPException(
+                422,
+                detail=f"candidates: {sum(lengths)} tokens of prompt + candidate in all; "
+                f"the limit is {MAX_SCORE_TOKENS}",
+            )
         with lock.read():
             scores = score_pairs(handle, [body.prompt] * len(body.candidates), body.candidates)
         return {
