@@ -440,10 +440,10 @@ def test_health_answers_while_an_edit_holds_the_model(client, edited, monkeypatc
     started, release = threading.Event(), threading.Event()
     original = edited.apply
 
-    def slow_apply(requests):
+    def slow_apply(requests, **options):
         started.set()
         release.wait(10)
-        return original(requests)
+        return original(requests, **options)
 
     monkeypatch.setattr(edited, "apply", slow_apply)
     body = {"edits": [{"prompt": "The largest planet is", "target_new": "Mars"}]}
@@ -464,3 +464,20 @@ def test_a_score_request_over_its_token_budget_is_refused(client):
     response = client.post("/v1/score", json=body)
     assert response.status_code == 422
     assert "candidates:" in response.text and "the limit is 2048" in response.text
+
+
+def test_a_retried_edit_with_the_same_key_applies_once(client, edited):
+    headers = {"Idempotency-Key": "client-7f3a"}
+    first = client.post("/v1/edits", json={"edits": EDITS}, headers=headers)
+    weights = snapshot(edited.handle)
+    retry = client.post("/v1/edits", json={"edits": EDITS}, headers=headers)
+    assert retry.status_code == 200 and retry.json() == first.json()
+    assert len(edited.journal.batches()) == 1
+    assert_weights_equal(edited.handle, weights)
+    other = client.post("/v1/edits", json={"edits": OTHER_EDITS}, headers=headers)
+    assert other.status_code == 422 and "Idempotency-Key" in other.text
+    assert len(edited.journal.batches()) == 1
+    fresh_key = client.post(
+        "/v1/edits", json={"edits": OTHER_EDITS}, headers={"Idempotency-Key": "another"}
+    )
+    assert fresh_key.status_code == 200 and len(edited.journal.batches()) == 2

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS batches (
     delta_sha256 TEXT,
     held_file TEXT,
     held_sha256 TEXT,
+    client_key TEXT,
     error TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -105,6 +106,8 @@ class BatchRecord:
     delta_sha256: str | None
     held_file: str | None
     held_sha256: str | None
+    client_key: str | None
+    """The client's idempotency key, when it sent one."""
     error: str | None
     created_at: float
     updated_at: float
@@ -187,9 +190,12 @@ class Journal:
             self._connection.executescript(SCHEMA)
             self._connection.execute(f"PRAGMA application_id={APPLICATION_ID}")
             columns = {row[1] for row in self._connection.execute("PRAGMA table_info(batches)")}
-            for column in ("delta_sha256", "held_file", "held_sha256"):
+            for column in ("delta_sha256", "held_file", "held_sha256", "client_key"):
                 if column not in columns:  # a journal written by an earlier lledit
                     self._connection.execute(f"ALTER TABLE batches ADD COLUMN {column} TEXT")
+            self._connection.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS batches_client_key ON batches(client_key)"
+            )
         except BaseException:
             self._connection.close()
             raise
@@ -290,6 +296,7 @@ class Journal:
         held: dict[str, torch.Tensor] | None = None,
         status: str = APPLIED,
         error: str | None = None,
+        client_key: str | None = None,
     ) -> BatchRecord:
         """Write a batch durably; returns once it is committed to disk.
 
@@ -303,7 +310,7 @@ class Journal:
             try:
                 cursor.execute(
                     "INSERT INTO batches (status, method, method_config, model, base_sha256, "
-                    "error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "error, client_key, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         status,
                         method,
@@ -311,6 +318,7 @@ class Journal:
                         model,
                         base_sha256,
                         error,
+                        client_key,
                         now,
                         now,
                     ),
@@ -454,12 +462,16 @@ class Journal:
         return found[0]
 
     def batches(
-        self, *, status: str | None = None, batch_id: int | None = None
+        self,
+        *,
+        status: str | None = None,
+        batch_id: int | None = None,
+        client_key: str | None = None,
     ) -> list[BatchRecord]:
         query = (
             "SELECT b.id, b.status, b.method, b.method_config, b.model, b.base_sha256, "
-            "b.delta_file, b.delta_sha256, b.held_file, b.held_sha256, b.error, b.created_at, "
-            "b.updated_at, group_concat(e.id) "
+            "b.delta_file, b.delta_sha256, b.held_file, b.held_sha256, b.client_key, b.error, "
+            "b.created_at, b.updated_at, group_concat(e.id) "
             "FROM batches b LEFT JOIN edits e ON e.batch_id = b.id"
         )
         conditions, values = [], []
@@ -469,6 +481,9 @@ class Journal:
         if batch_id is not None:
             conditions.append("b.id = ?")
             values.append(batch_id)
+        if client_key is not None:
+            conditions.append("b.client_key = ?")
+            values.append(client_key)
         if conditions:
             query += " WHERE " + " AND ".join(conditions)
         query += " GROUP BY b.id ORDER BY b.id"
@@ -486,10 +501,11 @@ class Journal:
                 delta_sha256=row[7],
                 held_file=row[8],
                 held_sha256=row[9],
-                error=row[10],
-                created_at=row[11],
-                updated_at=row[12],
-                edit_ids=tuple(sorted(int(i) for i in row[13].split(","))) if row[13] else (),
+                client_key=row[10],
+                error=row[11],
+                created_at=row[12],
+                updated_at=row[13],
+                edit_ids=tuple(sorted(int(i) for i in row[14].split(","))) if row[14] else (),
             )
             for row in rows
         ]
@@ -512,6 +528,19 @@ class Journal:
             values.append(limit)
         with self._lock:
             rows = self._connection.execute(query, values).fetchall()
+        return [
+            EditRecord(row[0], row[1], row[2], EditRequest.from_dict(json.loads(row[3])))
+            for row in rows
+        ]
+
+    def batch_edits(self, batch_id: int) -> list[EditRecord]:
+        """The edits of one batch, in their order in it."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT e.id, e.batch_id, b.status, e.request FROM edits e "
+                "JOIN batches b ON b.id = e.batch_id WHERE e.batch_id = ? ORDER BY e.position",
+                (batch_id,),
+            ).fetchall()
         return [
             EditRecord(row[0], row[1], row[2], EditRequest.from_dict(json.loads(row[3])))
             for row in rows
@@ -659,12 +688,26 @@ class JournaledModel:
             if held:
                 self._releases[batch.id] = self.editor.hold(held)
 
-    def apply(self, requests: Sequence[EditRequest]) -> BatchRecord:
+    def apply(
+        self, requests: Sequence[EditRequest], *, client_key: str | None = None
+    ) -> BatchRecord:
         """Edit the model and journal the batch; on any failure the model is unchanged.
 
         A batch the method rejects (for instance a non-finite update) is
-        journaled as failed and the error is raised again.
+        journaled as failed and the error is raised again. A `client_key`
+        already in the journal returns that batch instead of editing again,
+        so a client's retry cannot apply a batch twice.
         """
+        if client_key is not None:
+            earlier = self.journal.batches(client_key=client_key)
+            if earlier:
+                sent = [request.to_dict() for request in requests]
+                if [e.request.to_dict() for e in self.journal.batch_edits(earlier[0].id)] != sent:
+                    raise JournalError(
+                        f"key {client_key!r} was used for batch {earlier[0].id}, "
+                        "which held other edits"
+                    )
+                return earlier[0]
         if self.editor is None:
             raise JournalError("this model was opened for replay only; it has no editing method")
         config = self.editor.config_dict()
@@ -678,7 +721,7 @@ class JournaledModel:
                 model=self.handle.name,
                 status=FAILED,
                 error=f"{type(error).__name__}: {error}",
-            )
+            )  # without the key: a retry may try again
             raise
         deltas = applied.deltas if isinstance(applied, WeightDelta) else {}
         try:
@@ -694,6 +737,7 @@ class JournaledModel:
                 base_sha256=base_sha256,
                 deltas=deltas,
                 held=getattr(applied, "held", None),
+                client_key=client_key,
             )
         except BaseException:
             applied.undo()

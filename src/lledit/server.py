@@ -20,7 +20,7 @@ from importlib.metadata import version
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -51,6 +51,7 @@ MAX_SCORE_TOKENS = 2048
 """Tokens of prompt + candidate, summed over a score request's candidates: scoring
 keeps a vocabulary-wide row of logits per token, so this bounds its memory."""
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
+MAX_KEY_CHARS = 200
 """Edits per page of `GET /v1/edits`, by default and at most."""
 
 
@@ -396,8 +397,20 @@ def create_app(
         }
 
     @guarded.post("/v1/edits", response_model=BatchApplied)
-    def post_edits(body: EditBatch) -> dict[str, Any]:
+    def post_edits(
+        body: EditBatch,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                max_length=MAX_KEY_CHARS,
+                description="A key of the client's choosing: a retried request with the same "
+                "key returns the batch the first one applied instead of applying it again.",
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
         """Apply one batch; it is in the journal before the response is sent."""
+        if idempotency_key is not None and (problem := text_problem(idempotency_key)):
+            raise HTTPException(422, detail=f"Idempotency-Key: {problem}")
         if len(body.edits) > max_batch_size:
             raise HTTPException(
                 413,
@@ -407,7 +420,9 @@ def create_app(
         requests = _edit_requests(handle, body.edits)
         with lock.write():
             try:
-                batch = model.apply(requests)
+                batch = model.apply(requests, client_key=idempotency_key)
+            except JournalError as error:  # the key came with other edits before
+                raise HTTPException(422, detail=f"Idempotency-Key: {error}") from error
             except NonFiniteUpdateError as error:
                 raise HTTPException(
                     422,
