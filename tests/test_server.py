@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import assert_weights_equal, snapshot
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from lledit import EditRequest
+from lledit.cli import app as app_cli
 from lledit.edit import NonFiniteUpdateError
 from lledit.eval.scoring import score_pairs
 from lledit.journal import APPLIED, FAILED, UNDONE, Journal, JournaledModel
@@ -243,7 +245,10 @@ def test_failed_method_is_journaled_and_reported(client, edited, monkeypatch, er
     monkeypatch.setattr(edited.editor, "apply", fail)
     response = client.post("/v1/edits", json={"edits": EDITS})
     assert response.status_code == code
-    assert str(error) in response.json()["detail"]
+    if code == 500:  # the cause stays in the log, the client gets a request id
+        assert str(error) not in response.text and "(request " in response.json()["detail"]
+    else:
+        assert str(error) in response.json()["detail"]
     assert [(b.status, b.error) for b in edited.journal.batches()] == [
         (FAILED, f"{type(error).__name__}: {error}")
     ]
@@ -481,3 +486,42 @@ def test_a_retried_edit_with_the_same_key_applies_once(client, edited):
         "/v1/edits", json={"edits": OTHER_EDITS}, headers={"Idempotency-Key": "another"}
     )
     assert fresh_key.status_code == 200 and len(edited.journal.batches()) == 2
+
+
+def test_a_request_for_another_host_is_refused(edited):
+    app = create_app(edited, allowed_hosts=["localhost", "127.0.0.1"])
+    with TestClient(app, base_url="http://localhost:8000") as local:
+        assert local.get("/v1/health").status_code == 200
+    with TestClient(app, base_url="http://attacker.example") as rebound:
+        assert rebound.get("/v1/health").status_code == 400
+        assert rebound.post("/v1/edits", json={"edits": EDITS}).status_code == 400
+    assert edited.journal.batches() == []
+
+
+def test_the_schema_and_its_page_follow_the_token(edited):
+    with TestClient(create_app(edited, token=TOKEN)) as guarded:
+        assert guarded.get("/openapi.json").status_code == 401
+        assert guarded.get("/docs").status_code == 401
+        authorised = {"Authorization": f"Bearer {TOKEN}"}
+        schema = guarded.get("/openapi.json", headers=authorised)
+        assert schema.status_code == 200 and "/v1/edits" in schema.json()["paths"]
+        assert guarded.get("/docs", headers=authorised).status_code == 200
+
+
+def test_an_unexpected_error_is_a_generic_500(edited, monkeypatch):
+    with TestClient(create_app(edited), raise_server_exceptions=False) as client:
+        monkeypatch.setattr(
+            edited.journal, "edits", lambda **_: (_ for _ in ()).throw(OSError("/secret/path"))
+        )
+        response = client.get("/v1/edits")
+        assert response.status_code == 500
+        assert "/secret/path" not in response.text and "(request " in response.text
+
+
+def test_serving_beyond_loopback_needs_a_token(tmp_path):
+    result = CliRunner().invoke(
+        app_cli,
+        ["serve", "--journal", str(tmp_path / "j.db"), "--method", "ft", "--host", "0.0.0.0"],
+    )
+    assert result.exit_code == 2 and "--token-file" in result.output
+    assert not (tmp_path / "j.db").exists()

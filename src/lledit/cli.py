@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import sys
@@ -615,6 +616,13 @@ def serve(
     ] = None,
     max_batch_size: Annotated[int, typer.Option(help="Most edits in one POST.")] = 64,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1_000_000,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Another name clients may reach the service by (Host header)."),
+    ] = None,
+    insecure_no_token: Annotated[
+        bool, typer.Option(help="Serve a non-loopback address without a token (unsafe).")
+    ] = False,
     allow_download: DownloadOption = False,
     snapshot_every: SnapshotOption = 100,
 ) -> None:
@@ -626,6 +634,11 @@ def serve(
             token = token_file.read_text().strip()
             if not token:
                 raise ValueError(f"the token file {token_file} is empty")
+        if token is None and not _is_loopback(host) and not insecure_no_token:
+            raise ValueError(
+                f"--host {host} lets other machines edit the model: give --token-file, "
+                "or --insecure-no-token if that is really what you want"
+            )
         edited = _open_journaled(
             journal, method, model, device, dtype, settings, allow_download, snapshot_every
         )
@@ -638,7 +651,24 @@ def serve(
         token=token,
         max_batch_size=max_batch_size,
         max_body_bytes=max_body_bytes,
+        allowed_hosts=_allowed_hosts(host, allowed_host or []),
     )
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _allowed_hosts(host: str, extra: list[str]) -> list[str]:
+    """Loopback names, the bound address unless it is a wildcard, and `extra`."""
+    wildcard = host in ("0.0.0.0", "::", "")
+    return [*LOOPBACK_NAMES, *([] if wildcard else [host]), *extra]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import hmac
 import logging
 import socket
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -23,10 +24,12 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lledit.data.request import (
@@ -348,6 +351,27 @@ def _edit_requests(handle: ModelHandle, edits: Sequence[Edit]) -> list[EditReque
     return requests
 
 
+def _server_error(what: str) -> HTTPException:
+    """A 500 that tells the client only what failed and a request id; the cause
+    (which may name files and paths) goes to the log under that id."""
+    request_id = uuid.uuid4().hex[:12]
+    logger.exception("%s (request %s)", what, request_id)
+    return HTTPException(
+        500, detail=f"{what} (request {request_id}; the service's log has the cause)"
+    )
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """Anything no route expected: a generic 500 with a request id, the cause in the log."""
+    request_id = uuid.uuid4().hex[:12]
+    logger.error("unexpected error on %s (request %s)", request.url.path, request_id,
+                 exc_info=error)  # fmt: skip
+    return JSONResponse(
+        status_code=500,
+        content={"detail": f"internal error (request {request_id}; the service's log has it)"},
+    )
+
+
 MAX_ID = 2**63 - 1
 """The largest id SQLite stores; a larger one names nothing."""
 
@@ -364,8 +388,14 @@ def create_app(
     token: str | None = None,
     max_batch_size: int = 64,
     max_body_bytes: int = 1_000_000,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
-    """The service for one journaled model; `token` turns on bearer authentication."""
+    """The service for one journaled model; `token` turns on bearer authentication.
+
+    With `allowed_hosts`, a request whose Host header names another host is
+    refused (400), which stops a web page from reaching a loopback service
+    through DNS rebinding. With a token, `/docs` and `/openapi.json` need it too.
+    """
     if token is not None and not token:
         raise ValueError("the token must not be empty")
     if max_batch_size < 1 or max_body_bytes < 1:
@@ -379,10 +409,28 @@ def create_app(
         title="lledit",
         version=version("lledit"),
         description="Lifelong knowledge editing of a served model: every edit is journaled.",
-        exception_handlers={RequestValidationError: _validation_error},
+        exception_handlers={
+            RequestValidationError: _validation_error,
+            Exception: _unexpected_error,
+        },
+        # Behind the token, the schema and its page are served by guarded routes below.
+        docs_url=None if token else "/docs",
+        redoc_url=None,
+        openapi_url=None if token else "/openapi.json",
     )
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     guarded = APIRouter(dependencies=[Depends(BearerToken(token))] if token else [])
+    if token:
+
+        @guarded.get("/openapi.json", include_in_schema=False)
+        def openapi() -> dict[str, Any]:
+            return app.openapi()
+
+        @guarded.get("/docs", include_in_schema=False)
+        def docs() -> Any:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="lledit")
 
     @app.get("/v1/health", response_model=Health)
     async def health() -> dict[str, Any]:
@@ -429,12 +477,7 @@ def create_app(
                     detail=f"the batch was rejected, the model is unchanged: {error}",
                 ) from error
             except Exception as error:
-                logger.exception("edit batch failed")
-                raise HTTPException(
-                    500,
-                    detail=f"the batch failed, the model is unchanged: "
-                    f"{type(error).__name__}: {error}",
-                ) from error
+                raise _server_error("the batch failed, the model is unchanged") from error
         logger.info("batch %d applied (edits %s)", batch.id, list(batch.edit_ids))
         return {"batch_id": batch.id, "edit_ids": list(batch.edit_ids), "status": batch.status}
 
@@ -474,11 +517,7 @@ def create_app(
             try:
                 undone = model.undo(batch_id)
             except Exception as error:
-                logger.exception("undo of batch %d failed", batch_id)
-                raise HTTPException(
-                    500,
-                    detail=f"undo failed: {type(error).__name__}: {error}",
-                ) from error
+                raise _server_error(f"undo of batch {batch_id} failed, nothing changed") from error
         logger.info("batch %d undone", batch_id)
         return undone.to_dict()
 
@@ -534,6 +573,7 @@ def serve(
     token: str | None,
     max_batch_size: int,
     max_body_bytes: int,
+    allowed_hosts: Sequence[str],
 ) -> None:
     """Serve until interrupted; in-flight requests finish on SIGINT/SIGTERM, then the
     journal is closed (its WAL checkpointed, its write lock released).
@@ -543,7 +583,11 @@ def serve(
     a free one).
     """
     app = create_app(
-        model, token=token, max_batch_size=max_batch_size, max_body_bytes=max_body_bytes
+        model,
+        token=token,
+        max_batch_size=max_batch_size,
+        max_body_bytes=max_body_bytes,
+        allowed_hosts=allowed_hosts,
     )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.create_server((host, port), family=family)
