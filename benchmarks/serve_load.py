@@ -70,6 +70,8 @@ def start_service(arguments: argparse.Namespace, journal: Path) -> tuple[subproc
     port = free_port()
     command = [sys.executable, "-m", "lledit.cli", "serve", "--journal", str(journal)]
     command += ["--method", arguments.method, "--host", HOST, "--port", str(port)]
+    # Every reading client may be in flight at once: none should be told to retry.
+    command += ["--max-concurrent-reads", str(arguments.clients)]
     command += ["--model", arguments.model] if arguments.model else []
     for setting in arguments.settings:
         command += ["--set", setting]

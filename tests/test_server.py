@@ -52,7 +52,12 @@ def edited(tiny, tmp_path):
 
 @pytest.fixture
 def client(edited):
-    app = create_app(edited, max_batch_size=MAX_BATCH_SIZE, max_body_bytes=MAX_BODY_BYTES)
+    app = create_app(
+        edited,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_body_bytes=MAX_BODY_BYTES,
+        max_concurrent_reads=8,  # more than the threads of the concurrency test
+    )
     with TestClient(app) as client:
         yield client
 
@@ -525,3 +530,30 @@ def test_serving_beyond_loopback_needs_a_token(tmp_path):
     )
     assert result.exit_code == 2 and "--token-file" in result.output
     assert not (tmp_path / "j.db").exists()
+
+
+def test_reads_beyond_the_cap_are_told_to_retry(edited, monkeypatch):
+    inside, release = threading.Event(), threading.Event()
+    original = edited.handle.model.generate
+
+    def slow_generate(*args, **kwargs):
+        inside.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(edited.handle.model, "generate", slow_generate)
+    with TestClient(create_app(edited, max_concurrent_reads=1)) as client:
+        body = {"prompt": "The capital of France is", "max_new_tokens": 2}
+        first = threading.Thread(target=lambda: client.post("/v1/generate", json=body))
+        first.start()
+        try:
+            assert inside.wait(10)
+            busy = client.post("/v1/score", json={"prompt": "p", "candidates": ["x"]})
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+            assert client.get("/v1/health").status_code == 200
+        finally:
+            release.set()
+            first.join(10)
+        assert (
+            client.post("/v1/score", json={"prompt": "p", "candidates": ["x"]}).status_code == 200
+        )

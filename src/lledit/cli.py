@@ -620,6 +620,9 @@ def serve(
         list[str] | None,
         typer.Option(help="Another name clients may reach the service by (Host header)."),
     ] = None,
+    max_concurrent_reads: Annotated[
+        int, typer.Option(help="Generate/score requests at once; more get 503.")
+    ] = 4,
     insecure_no_token: Annotated[
         bool, typer.Option(help="Serve a non-loopback address without a token (unsafe).")
     ] = False,
@@ -652,6 +655,7 @@ def serve(
         max_batch_size=max_batch_size,
         max_body_bytes=max_body_bytes,
         allowed_hosts=_allowed_hosts(host, allowed_host or []),
+        max_concurrent_reads=max_concurrent_reads,
     )
 
 

@@ -55,6 +55,8 @@ MAX_SCORE_TOKENS = 2048
 keeps a vocabulary-wide row of logits per token, so this bounds its memory."""
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 MAX_KEY_CHARS = 200
+GENERATE_SECONDS = 30.0
+"""A generation stops after this long, however many tokens it was asked for."""
 """Edits per page of `GET /v1/edits`, by default and at most."""
 
 
@@ -389,21 +391,42 @@ def create_app(
     max_batch_size: int = 64,
     max_body_bytes: int = 1_000_000,
     allowed_hosts: Sequence[str] | None = None,
+    max_concurrent_reads: int = 4,
 ) -> FastAPI:
     """The service for one journaled model; `token` turns on bearer authentication.
 
     With `allowed_hosts`, a request whose Host header names another host is
     refused (400), which stops a web page from reaching a loopback service
     through DNS rebinding. With a token, `/docs` and `/openapi.json` need it too.
+    Beyond `max_concurrent_reads` generate and score requests at once, another
+    is answered 503 with Retry-After at once rather than queued without bound.
     """
     if token is not None and not token:
         raise ValueError("the token must not be empty")
-    if max_batch_size < 1 or max_body_bytes < 1:
-        raise ValueError("max_batch_size and max_body_bytes must be at least 1")
+    if min(max_batch_size, max_body_bytes, max_concurrent_reads) < 1:
+        raise ValueError(
+            "max_batch_size, max_body_bytes and max_concurrent_reads must be at least 1"
+        )
     if model.editor is None:
         raise ValueError("the service applies edits: the JournaledModel needs an editor")
     handle, journal, method = model.handle, model.journal, model.editor.name
     lock = ReadWriteLock()
+    slots = threading.BoundedSemaphore(max_concurrent_reads)
+
+    @contextmanager
+    def reading() -> Iterator[None]:
+        """A read slot and the model's read lock, or 503 when every slot is taken."""
+        if not slots.acquire(blocking=False):
+            raise HTTPException(
+                503,
+                detail=f"{max_concurrent_reads} generate/score requests are running; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        try:
+            with lock.read():
+                yield
+        finally:
+            slots.release()
 
     app = FastAPI(
         title="lledit",
@@ -528,11 +551,12 @@ def create_app(
         encoded = tokenizer(body.prompt, return_tensors="pt")
         prompt_length = encoded["input_ids"].shape[1]
         _check_fits(handle, prompt_length + body.max_new_tokens, "prompt + max_new_tokens")
-        with lock.read():
+        with reading():
             output = handle.model.generate(
                 input_ids=encoded["input_ids"].to(handle.device),
                 attention_mask=encoded["attention_mask"].to(handle.device),
                 max_new_tokens=body.max_new_tokens,
+                max_time=GENERATE_SECONDS,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
@@ -550,7 +574,7 @@ def create_app(
                 detail=f"candidates: {sum(lengths)} tokens of prompt + candidate in all; "
                 f"the limit is {MAX_SCORE_TOKENS}",
             )
-        with lock.read():
+        with reading():
             scores = score_pairs(handle, [body.prompt] * len(body.candidates), body.candidates)
         return {
             "scores": [
@@ -574,6 +598,7 @@ def serve(
     max_batch_size: int,
     max_body_bytes: int,
     allowed_hosts: Sequence[str],
+    max_concurrent_reads: int,
 ) -> None:
     """Serve until interrupted; in-flight requests finish on SIGINT/SIGTERM, then the
     journal is closed (its WAL checkpointed, its write lock released).
@@ -588,6 +613,7 @@ def serve(
         max_batch_size=max_batch_size,
         max_body_bytes=max_body_bytes,
         allowed_hosts=allowed_hosts,
+        max_concurrent_reads=max_concurrent_reads,
     )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.create_server((host, port), family=family)
