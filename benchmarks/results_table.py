@@ -119,7 +119,10 @@ def write_docs(runs: Path) -> None:
         f"Every registered method on the default model (SmolLM2-135M-Instruct, float32, CPU), "
         f"{EDITS} edits in batches of {BATCH}, scored on the final model. Regenerate with "
         "`python benchmarks/results_table.py` (runs are resumable; `--only-docs` rebuilds this "
-        "page from the runs). The same numbers are in `docs/results.json`.",
+        "page from the runs). The same numbers are in `docs/results.json`. MEND, MALMEN and "
+        "RLEdit edit with a network trained beforehand on the zsRE training split with the "
+        "default settings (`lledit train -m METHOD --data zsre --out runs/ckpt/METHOD`, then "
+        "`--checkpoint METHOD=runs/ckpt/METHOD`); the same network edits CounterFact.",
         "",
         "Teacher-forced metrics feed the target to the model; answer metrics score its own "
         "greedy answer, cut at EOS, a newline or the end of the first clause (`_em`: the answer "
