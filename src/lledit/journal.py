@@ -331,20 +331,14 @@ class Journal:
                         for position, request in enumerate(requests)
                     ],
                 )
-                if deltas:
-                    delta_file = f"batch-{batch_id:08d}.safetensors"
-                    digest = self._write_tensors(delta_file, deltas)
-                    cursor.execute(
-                        "UPDATE batches SET delta_file = ?, delta_sha256 = ? WHERE id = ?",
-                        (delta_file, digest, batch_id),
-                    )
-                if held:
-                    held_file = f"batch-{batch_id:08d}.held.safetensors"
-                    digest = self._write_tensors(held_file, held)
-                    cursor.execute(
-                        "UPDATE batches SET held_file = ?, held_sha256 = ? WHERE id = ?",
-                        (held_file, digest, batch_id),
-                    )
+                for kind, tensors, suffix in (("delta", deltas, ""), ("held", held, ".held")):
+                    if tensors:
+                        file_name = f"batch-{batch_id:08d}{suffix}.safetensors"
+                        digest = self._write_tensors(file_name, tensors)
+                        cursor.execute(
+                            f"UPDATE batches SET {kind}_file = ?, {kind}_sha256 = ? WHERE id = ?",
+                            (file_name, digest, batch_id),
+                        )
                 cursor.execute("COMMIT")
             except BaseException:
                 cursor.execute("ROLLBACK")
