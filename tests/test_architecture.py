@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import lledit
@@ -74,46 +75,50 @@ def test_every_module_has_a_layer():
     assert unplaced == [], f"add these modules to LAYERS: {unplaced}"
 
 
-def test_no_module_imports_from_a_layer_above_it():
+@functools.cache
+def _import_table() -> dict[str, list[tuple[str, int, bool]]]:
+    """Every module's `lledit` imports, read once for all the checks below."""
     modules = _modules()
-    upward = []
-    for name, path in modules.items():
-        if name == "lledit":
-            continue
-        for target, line, _ in _imports(name, path, set(modules)):
-            if _layer(target) > _layer(name):
-                upward.append(f"{path.name}:{line} {name} imports {target}")
+    return {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    upward = [
+        f"{name}:{line} imports {target}"
+        for name, imports in _import_table().items()
+        if name != "lledit"
+        for target, line, _ in imports
+        if _layer(target) > _layer(name)
+    ]
     assert upward == []
 
 
 def test_imports_of_lledit_are_at_module_level():
-    modules = _modules()
     deferred = [
         f"{name}:{line} imports {target} inside a function"
-        for name, path in modules.items()
-        for target, line, top in _imports(name, path, set(modules))
+        for name, imports in _import_table().items()
+        for target, line, top in imports
         if not top
     ]
     assert deferred == []
 
 
 def test_methods_do_not_import_each_other():
-    modules = _modules()
     crossing = [
         f"{name} imports {target}"
-        for name, path in modules.items()
+        for name, imports in _import_table().items()
         if name.startswith("lledit.methods.")
-        for target, _, _ in _imports(name, path, set(modules))
+        for target, _, _ in imports
         if target.startswith("lledit.methods")
     ]
     assert crossing == []
 
 
 def test_no_import_cycle():
-    modules = _modules()
+    table = _import_table()
     graph = {
-        name: {target for target, _, _ in _imports(name, path, set(modules)) if target in modules}
-        for name, path in modules.items()
+        name: {target for target, _, _ in imports if target in table}
+        for name, imports in table.items()
     }
     state: dict[str, str] = {}
 

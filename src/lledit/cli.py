@@ -576,9 +576,15 @@ def export(
     """Write the edited model as a Hugging Face folder (safetensors) that needs no lledit."""
     try:
         with _existing_journal(journal) as opened:
-            written_for = {batch.model for batch in opened.batches()}
             if model is None:
-                model = _journal_model(written_for)
+                written_for = {batch.model for batch in opened.batches()}
+                if len(written_for) != 1:
+                    raise ValueError(
+                        f"the journal holds batches for {sorted(written_for) or 'no model'}; "
+                        "name the base model with --model"
+                    )
+                (name,) = written_for
+                model = None if name == DEFAULT_MODEL else name
             handle = load_model(model, dtype=dtype)
             JournaledModel(handle, opened)
         handle.model.save_pretrained(out)
@@ -586,17 +592,6 @@ def export(
     except USER_ERRORS as error:
         raise _fail(error) from error
     console.print(f"edited model written to {out}/")
-
-
-def _journal_model(written_for: set[str]) -> str | None:
-    """The base model a journal's batches were written for (None: the default model)."""
-    if len(written_for) != 1:
-        raise ValueError(
-            f"the journal holds batches for {sorted(written_for) or 'no model'}; "
-            "name the base model with --model"
-        )
-    (name,) = written_for
-    return None if name == DEFAULT_MODEL else name
 
 
 @app.command()

@@ -160,14 +160,20 @@ def add_weight_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -
 def apply_weight_deltas(
     handle: ModelHandle,
     deltas: Mapping[str, torch.Tensor],
-    on_undo: Callable[[], None] | None = None,
     held: dict[str, torch.Tensor] | None = None,
+    hold: Callable[[dict[str, torch.Tensor]], Callable[[], None]] | None = None,
 ) -> WeightDelta:
-    """`add_weight_deltas`, returning the record that undoes it exactly."""
+    """`add_weight_deltas`, returning the record that undoes it exactly.
+
+    `held` is what the editor keeps of the batch for later ones; once the
+    deltas are in, `hold(held)` gives it to the editor, and what that returns
+    is what the undo releases. A batch that is rejected is never held.
+    """
     before = {name: handle.weight_of(name).detach().clone() for name in deltas}
     add_weight_deltas(handle, deltas)
     deltas = {name: delta.detach().float().clone() for name, delta in deltas.items()}
-    return WeightDelta(handle, before, deltas, on_undo, held)
+    release = None if hold is None or held is None else hold(held)
+    return WeightDelta(handle, before, deltas, release, held)
 
 
 @contextmanager

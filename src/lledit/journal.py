@@ -94,6 +94,10 @@ class JournalError(RuntimeError):
     """The journal cannot be used as asked (unknown batch, other model, missing file)."""
 
 
+class KeyReusedError(JournalError):
+    """A client key already names a batch that held other edits."""
+
+
 @dataclass(frozen=True)
 class BatchRecord:
     id: int
@@ -233,7 +237,7 @@ class Journal:
         Files that a crash left without a committed row are removed once the
         lock is held.
         """
-        if self._writer is not None:
+        if self.writing:
             return
         descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -580,6 +584,8 @@ class JournaledModel:
         self._base_hashes: dict[tuple[str, ...], str] = {}
         self._releases: dict[int, Callable[[], None]] = {}
         """Per applied batch, what lets the editor forget what it holds of it."""
+        self._since_snapshot = 0
+        """Applied batches after the newest snapshot that still describes them."""
         locking = editor is not None and not journal.writing
         if locking:
             journal.lock_for_writing()
@@ -614,8 +620,9 @@ class JournaledModel:
                 return snapshot
         return None
 
-    def _replayed(self, without: int | None = None) -> dict[str, torch.Tensor]:
-        """The edited modules' weights: base plus every applied batch (but `without`), in order.
+    def _replayed(self, without: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+        """The edited modules' weights: base plus every applied batch (but `without`), in order,
+        and how many of those batches came after the snapshot it started from.
 
         Starts from the newest snapshot that still describes the applied
         batches. Computed apart from the live weights, which stay as they are
@@ -636,15 +643,14 @@ class JournaledModel:
                 saved, start.base_sha256, f"the snapshot after batch {start.after_batch}"
             )
             weights.update(saved)
-        for batch in batches:
-            if start is not None and batch.id <= start.after_batch:
-                continue
+        since = [b for b in batches if start is None or b.id > start.after_batch]
+        for batch in since:
             deltas = self.journal.deltas(batch)
             self._check_base(deltas, batch.base_sha256, f"batch {batch.id}")
             for name in deltas:
                 weights.setdefault(name, self._base[name])
             weights.update(added_weights(weights, deltas))
-        return weights
+        return weights, len(since)
 
     def _check_base(self, names, expected: str | None, what: str) -> None:
         self._remember_base(names)
@@ -655,16 +661,17 @@ class JournaledModel:
             )
 
     def _snapshot_if_due(self, after_batch: int) -> None:
-        applied = [b.id for b in self.journal.batches(status=APPLIED)]
-        start = self._latest_snapshot(applied)
-        since = [i for i in applied if start is None or i > start.after_batch]
-        if len(since) < self.snapshot_every:
+        self._since_snapshot += 1
+        if self._since_snapshot < self.snapshot_every:
             return
+        applied = [b.id for b in self.journal.batches(status=APPLIED)]
         weights = {name: self.handle.weight_of(name) for name in self._base}
         try:
             self.journal.record_snapshot(after_batch, applied, weights, self._base_sha256(weights))
         except OSError as error:  # the batch is journaled; a snapshot only saves replay time
             logger.warning("no snapshot after batch %d: %s", after_batch, error)
+            return
+        self._since_snapshot = 0
 
     @torch.no_grad()
     def _switch(self, weights: dict[str, torch.Tensor]) -> None:
@@ -673,7 +680,8 @@ class JournaledModel:
 
     def rebuild(self) -> None:
         """Set the edited modules to base weights plus every applied batch, in order."""
-        self._switch(self._replayed())
+        weights, self._since_snapshot = self._replayed()
+        self._switch(weights)
 
     def _hold_journaled(self) -> None:
         """Give the editor back what it held of each applied batch (its keys), in order."""
@@ -697,7 +705,7 @@ class JournaledModel:
             if earlier:
                 sent = [request.to_dict() for request in requests]
                 if [e.request.to_dict() for e in self.journal.batch_edits(earlier[0].id)] != sent:
-                    raise JournalError(
+                    raise KeyReusedError(
                         f"key {client_key!r} was used for batch {earlier[0].id}, "
                         "which held other edits"
                     )
@@ -753,7 +761,7 @@ class JournaledModel:
         batch = self.journal.batch(batch_id)
         if batch.status != APPLIED:
             raise JournalError(f"batch {batch_id} is {batch.status}, not applied")
-        weights = self._replayed(without=batch_id)
+        weights, since = self._replayed(without=batch_id)
         current = {name: self.handle.weight_of(name).detach().clone() for name in weights}
         self._switch(weights)
         try:
@@ -761,6 +769,7 @@ class JournaledModel:
         except BaseException:
             self._switch(current)
             raise
+        self._since_snapshot = since
         release = self._releases.pop(batch_id, None)
         if release is not None:
             release()

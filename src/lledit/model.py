@@ -132,7 +132,8 @@ class ModelHandle:
         them for a method that edits one layer by default (`first_only`).
         """
         if layers is None:
-            chosen = self.default_layers(band)[:1] if first_only else self.default_layers(band)
+            chosen = self.default_layers(band)
+            chosen = chosen[:1] if first_only else chosen
         else:
             chosen = parse_layers(layers, self.num_layers)
         names = [

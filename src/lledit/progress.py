@@ -40,8 +40,6 @@ class Task:
     def __init__(
         self, reporter: Reporter | None, description: str, total: int | None, completed: int
     ):
-        self.description = description
-        self.total = total
         self.completed = completed
         self.status = ""
         self._reporter = reporter

@@ -41,7 +41,7 @@ from lledit.data.request import (
 )
 from lledit.edit import NonFiniteUpdateError
 from lledit.eval.scoring import score_pairs
-from lledit.journal import APPLIED, BatchRecord, JournaledModel, JournalError
+from lledit.journal import APPLIED, BatchRecord, JournaledModel, JournalError, KeyReusedError
 from lledit.locate import SubjectNotFoundError, subject_span
 from lledit.model import ModelHandle
 from lledit.tokens import join
@@ -54,10 +54,10 @@ MAX_SCORE_TOKENS = 2048
 """Tokens of prompt + candidate, summed over a score request's candidates: scoring
 keeps a vocabulary-wide row of logits per token, so this bounds its memory."""
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
+"""Edits per page of `GET /v1/edits`, by default and at most."""
 MAX_KEY_CHARS = 200
 GENERATE_SECONDS = 30.0
 """A generation stops after this long, however many tokens it was asked for."""
-"""Edits per page of `GET /v1/edits`, by default and at most."""
 
 
 class ReadWriteLock:
@@ -347,41 +347,35 @@ def _edit_requests(handle: ModelHandle, edits: Sequence[Edit]) -> list[EditReque
             raise HTTPException(
                 422, detail=f"edits[{index}].subject: does not occur in the prompt"
             ) from None
-        tokens = len(handle.tokenizer(join(request.prompt, request.target_new))["input_ids"])
-        _check_fits(handle, tokens, f"edits[{index}].prompt + target_new")
         requests.append(request)
+    joined = [join(request.prompt, request.target_new) for request in requests]
+    for index, ids in enumerate(handle.tokenizer(joined)["input_ids"]):
+        _check_fits(handle, len(ids), f"edits[{index}].prompt + target_new")
     return requests
 
 
-def _server_error(what: str) -> HTTPException:
-    """A 500 that tells the client only what failed and a request id; the cause
-    (which may name files and paths) goes to the log under that id."""
+def _logged_failure(what: str, error: BaseException) -> str:
+    """Log `error` under a new request id; the client is told only `what` and the id,
+    since the cause may name files and paths."""
     request_id = uuid.uuid4().hex[:12]
-    logger.exception("%s (request %s)", what, request_id)
-    return HTTPException(
-        500, detail=f"{what} (request {request_id}; the service's log has the cause)"
-    )
+    logger.error("%s (request %s)", what, request_id, exc_info=error)
+    return f"{what} (request {request_id}; the service's log has the cause)"
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    """Anything no route expected: a generic 500 with a request id, the cause in the log."""
-    request_id = uuid.uuid4().hex[:12]
-    logger.error("unexpected error on %s (request %s)", request.url.path, request_id,
-                 exc_info=error)  # fmt: skip
-    return JSONResponse(
-        status_code=500,
-        content={"detail": f"internal error (request {request_id}; the service's log has it)"},
-    )
+    """Anything no route expected: a generic 500, the cause in the log."""
+    detail = _logged_failure(f"internal error on {request.url.path}", error)
+    return JSONResponse(status_code=500, content={"detail": detail})
 
 
 MAX_ID = 2**63 - 1
 """The largest id SQLite stores; a larger one names nothing."""
 
 
-def _bounded_id(value: int, what: str) -> int:
+def _check_id(value: int, what: str) -> None:
+    """An id SQLite cannot hold names nothing: 404, not an overflow."""
     if not 1 <= value <= MAX_ID:
         raise HTTPException(404, detail=f"no {what} {value}")
-    return value
 
 
 def create_app(
@@ -492,7 +486,7 @@ def create_app(
         with lock.write():
             try:
                 batch = model.apply(requests, client_key=idempotency_key)
-            except JournalError as error:  # the key came with other edits before
+            except KeyReusedError as error:
                 raise HTTPException(422, detail=f"Idempotency-Key: {error}") from error
             except NonFiniteUpdateError as error:
                 raise HTTPException(
@@ -500,7 +494,8 @@ def create_app(
                     detail=f"the batch was rejected, the model is unchanged: {error}",
                 ) from error
             except Exception as error:
-                raise _server_error("the batch failed, the model is unchanged") from error
+                detail = _logged_failure("the batch failed, the model is unchanged", error)
+                raise HTTPException(500, detail=detail) from error
         logger.info("batch %d applied (edits %s)", batch.id, list(batch.edit_ids))
         return {"batch_id": batch.id, "edit_ids": list(batch.edit_ids), "status": batch.status}
 
@@ -520,7 +515,7 @@ def create_app(
 
     @guarded.get("/v1/edits/{edit_id}", response_model=EditOut)
     def get_edit(edit_id: int) -> dict[str, Any]:
-        _bounded_id(edit_id, "edit")
+        _check_id(edit_id, "edit")
         try:
             return journal.edit(edit_id).to_dict()
         except JournalError as error:
@@ -529,7 +524,7 @@ def create_app(
     @guarded.delete("/v1/batches/{batch_id}", response_model=BatchRecord)
     def undo_batch(batch_id: int) -> dict[str, Any]:
         """Undo one applied batch; the other applied batches keep their deltas."""
-        _bounded_id(batch_id, "batch")
+        _check_id(batch_id, "batch")
         with lock.write():
             try:
                 batch = journal.batch(batch_id)
@@ -540,7 +535,8 @@ def create_app(
             try:
                 undone = model.undo(batch_id)
             except Exception as error:
-                raise _server_error(f"undo of batch {batch_id} failed, nothing changed") from error
+                detail = _logged_failure(f"undo of batch {batch_id} failed, nothing changed", error)
+                raise HTTPException(500, detail=detail) from error
         logger.info("batch %d undone", batch_id)
         return undone.to_dict()
 

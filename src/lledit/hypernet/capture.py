@@ -9,7 +9,7 @@ no weight of the model receives a gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,11 @@ class Captured:
 
     keys: torch.Tensor
     value_grads: torch.Tensor
+
+
+def keys_of(captured: Mapping[str, Captured]) -> dict[str, torch.Tensor]:
+    """Each module's keys alone: what an editor holds of a batch, without its gradients."""
+    return {name: module.keys for name, module in captured.items()}
 
 
 def sequence_losses(logits: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:

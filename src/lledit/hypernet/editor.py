@@ -10,7 +10,7 @@ import torch
 
 from lledit.data.request import EditRequest
 from lledit.edit import WeightDelta, apply_weight_deltas
-from lledit.hypernet.capture import capture_gradients
+from lledit.hypernet.capture import capture_gradients, keys_of
 from lledit.hypernet.checkpoint import check_fits, load_network, read_meta
 from lledit.hypernet.held_keys import HeldKeys
 from lledit.hypernet.network import Hypernetwork
@@ -96,26 +96,23 @@ class HypernetEditor:
         self.prepare()
         tokens = edit_batch(self.handle, [r.prompt for r in batch], [r.target_new for r in batch])
         captured = capture_gradients(self.handle, self.network.module_names, tokens)
-        if self.config.earlier_keys_weight and self.held is None:
-            self.held = HeldKeys(self.network, self.config.earlier_keys_weight, self.handle.device)
+        held = self._held_keys() if self.config.earlier_keys_weight else None
         with torch.no_grad():
-            deltas = self.network.deltas(
-                captured, None if self.held is None else self.held.precisions
-            )
-        if self.held is None:
+            deltas = self.network.deltas(captured, None if held is None else held.precisions)
+        if held is None:
             return apply_weight_deltas(self.handle, deltas)
-        # The batch's record keeps its keys alone, not its gradients.
-        keys = {name: module.keys for name, module in captured.items()}
-        applied = apply_weight_deltas(self.handle, deltas, held=keys)
-        applied.on_undo = self.hold(keys)  # only a batch that was applied
-        return applied
+        return apply_weight_deltas(self.handle, deltas, held=keys_of(captured), hold=self.hold)
+
+    def _held_keys(self) -> HeldKeys:
+        """The keys held so far, made on first use."""
+        self.prepare()
+        if self.held is None:
+            self.held = HeldKeys(self.network, self.config.earlier_keys_weight, self.handle.device)
+        return self.held
 
     def hold(self, keys: dict[str, torch.Tensor]) -> Callable[[], None]:
         """Hold a batch's keys in the ridge: one just applied, or a journaled one
         after a restart. Returns what releases them."""
-        self.prepare()
-        if self.held is None:
-            self.held = HeldKeys(self.network, self.config.earlier_keys_weight, self.handle.device)
-        held = self.held
+        held = self._held_keys()
         held.hold(keys)
         return lambda: held.release(keys)

@@ -31,7 +31,7 @@ from lledit import progress
 from lledit.data.request import EditRequest
 from lledit.edit import add_weight_deltas
 from lledit.eval.lifelong import LifelongResult, run_lifelong
-from lledit.hypernet.capture import capture_gradients
+from lledit.hypernet.capture import capture_gradients, keys_of
 from lledit.hypernet.checkpoint import (
     CheckpointError,
     load_network,
@@ -250,7 +250,7 @@ class HypernetTrainer:
                 deltas = network.deltas(captured, None if held is None else held.precisions)
                 add_weight_deltas(handle, {n: d.detach() for n, d in deltas.items()})
                 if held is not None:
-                    held.hold({name: module.keys for name, module in captured.items()})
+                    held.hold(keys_of(captured))
                 parts, grads = weight_gradients(
                     handle,
                     self.module_names,

@@ -119,12 +119,7 @@ class AlphaEdit:
         self.prepare()
         self._pending = {}
         deltas = self.locator.deltas(batch, self._solve)
-        keys = self._pending
-        applied = apply_weight_deltas(
-            self.handle, deltas, on_undo=lambda: self._release(keys), held=keys
-        )
-        self.hold(keys)  # only a batch that was applied joins the keys to protect
-        return applied
+        return apply_weight_deltas(self.handle, deltas, held=self._pending, hold=self.hold)
 
     def hold(self, keys: dict[str, torch.Tensor]) -> Callable[[], None]:
         """Protect a batch's keys: one just applied, or a journaled one after a restart."""

@@ -18,6 +18,7 @@ initial radius, and overlapping regions are resolved by the nearest key
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -222,7 +223,7 @@ class GRACE(MemoryEditor):
 
     def hold(self, held: dict[str, torch.Tensor]) -> Callable[[], None]:
         """Put a journaled batch's entries back (after a restart); returns its undo."""
-        return MemoryEdit(self, self._hold(held)).undo
+        return functools.partial(self._undo, self._hold(held))
 
     def _hold(self, held: dict[str, torch.Tensor]) -> _Entries:
         device = self.handle.device
