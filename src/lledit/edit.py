@@ -32,8 +32,9 @@ class EditMethod(Protocol):
     a ValueError) and returns what undoes it exactly. `config_dict` is the
     JSON record of the settings, with `modules`, the names of the modules the
     method edits as resolved on this model. An editor whose later batches
-    depend on earlier ones (held keys) records that in `WeightDelta.held`
-    and takes it back after a restart with `hold(held) -> release`.
+    depend on earlier ones (held keys, a memory) records that in the applied
+    batch's `held` and takes it back after a restart with
+    `hold(held, requests) -> release`.
     `tests/test_contract.py` checks every registered method against this.
     """
 

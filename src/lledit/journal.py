@@ -558,9 +558,11 @@ class JournaledModel:
     journal's state by replaying the applied batches; nothing is recomputed.
     With an editor it takes the journal's write lock; without one it can
     replay but not edit (export, history). A memory editor's batches are
-    journaled as what the editor holds of them (GRACE's codebook entries) and
-    given back through its `hold` on start-up; one without `hold` (ELDER, for
-    now) is refused.
+    journaled as what the editor holds of them (GRACE's codebook entries,
+    ELDER's allocations and queries), given back through its `hold` on
+    start-up, and as deltas to the editor's own tensors (ELDER's LoRAs and
+    routers), which are replayed and undone like weights, from the values a
+    fresh editor starts with.
     """
 
     def __init__(
@@ -580,7 +582,10 @@ class JournaledModel:
         self.snapshot_every = snapshot_every
         """Every this many applied batches the edited weights are snapshotted, so
         start-up and undo replay only the batches since the last snapshot."""
-        self._base: dict[str, torch.Tensor] = {}
+        self._memory = editor.tensors() if hasattr(editor, "tensors") else {}
+        """The editor's own tensors, by the names its deltas use."""
+        self._base = {name: tensor.detach().clone() for name, tensor in self._memory.items()}
+        """Every replayed tensor as it was unedited (weights are added on first use)."""
         self._base_hashes: dict[tuple[str, ...], str] = {}
         self._releases: dict[int, Callable[[], None]] = {}
         """Per applied batch, what lets the editor forget what it holds of it."""
@@ -608,10 +613,16 @@ class JournaledModel:
             self._base_hashes[key] = weights_sha256({name: self._base[name] for name in key})
         return self._base_hashes[key]
 
+    def _tensor(self, name: str) -> torch.Tensor:
+        """The live tensor a delta named `name` changes: the editor's, else a module's weight."""
+        if name in self._memory:
+            return self._memory[name]
+        return self.handle.weight_of(name)
+
     def _remember_base(self, names) -> None:
         for name in names:
             if name not in self._base:
-                self._base[name] = self.handle.weight_of(name).detach().clone()
+                self._base[name] = self._tensor(name).detach().clone()
 
     def _latest_snapshot(self, applied: Sequence[int]) -> Snapshot | None:
         """The newest snapshot that holds exactly the batches of `applied` up to its own."""
@@ -657,7 +668,8 @@ class JournaledModel:
         if self._base_sha256(names) != expected:
             raise JournalError(
                 f"{what}: the base weights of {sorted(names)} differ from those it was "
-                "computed on (another model or another revision)"
+                "computed on (another model or another revision; for an editor's own "
+                "tensors, other settings)"
             )
 
     def _snapshot_if_due(self, after_batch: int) -> None:
@@ -665,7 +677,7 @@ class JournaledModel:
         if self._since_snapshot < self.snapshot_every:
             return
         applied = [b.id for b in self.journal.batches(status=APPLIED)]
-        weights = {name: self.handle.weight_of(name) for name in self._base}
+        weights = {name: self._tensor(name) for name in self._base}
         try:
             self.journal.record_snapshot(after_batch, applied, weights, self._base_sha256(weights))
         except OSError as error:  # the batch is journaled; a snapshot only saves replay time
@@ -676,7 +688,7 @@ class JournaledModel:
     @torch.no_grad()
     def _switch(self, weights: dict[str, torch.Tensor]) -> None:
         for name, value in weights.items():
-            self.handle.weight_of(name).copy_(value)
+            self._tensor(name).copy_(value)
 
     def rebuild(self) -> None:
         """Set the edited modules to base weights plus every applied batch, in order."""
@@ -688,7 +700,8 @@ class JournaledModel:
         for batch in self.journal.batches(status=APPLIED):
             held = self.journal.held(batch)
             if held:
-                self._releases[batch.id] = self.editor.hold(held)
+                requests = [edit.request for edit in self.journal.batch_edits(batch.id)]
+                self._releases[batch.id] = self.editor.hold(held, requests)
 
     def apply(
         self, requests: Sequence[EditRequest], *, client_key: str | None = None
@@ -725,7 +738,7 @@ class JournaledModel:
                 error=f"{type(error).__name__}: {error}",
             )  # without the key: a retry may try again
             raise
-        deltas = applied.deltas if isinstance(applied, WeightDelta) else {}
+        deltas = getattr(applied, "deltas", {})
         try:
             if isinstance(applied, WeightDelta):
                 for name, before in applied.before.items():
@@ -744,8 +757,7 @@ class JournaledModel:
         except BaseException:
             applied.undo()
             raise
-        # A memory editor's batch lives in the editor alone: its undo is the release.
-        release = applied.on_undo if isinstance(applied, WeightDelta) else applied.undo
+        release = getattr(applied, "on_undo", None)
         if release is not None:
             self._releases[record.id] = release
         self._snapshot_if_due(record.id)
@@ -762,7 +774,7 @@ class JournaledModel:
         if batch.status != APPLIED:
             raise JournalError(f"batch {batch_id} is {batch.status}, not applied")
         weights, since = self._replayed(without=batch_id)
-        current = {name: self.handle.weight_of(name).detach().clone() for name in weights}
+        current = {name: self._tensor(name).detach().clone() for name in weights}
         self._switch(weights)
         try:
             record = self.journal.set_status(batch_id, UNDONE)

@@ -34,18 +34,29 @@ class MemoryEdit:
     """One batch applied by a memory editor: undo removes exactly that batch.
 
     `held` is what a journal keeps of it, for the editor's `hold` to put back
-    after a restart (editors that can be journaled provide both).
+    after a restart. `deltas` are the changes to the editor's own tensors
+    (`tensors()`), which a journal replays and undoes itself; `on_undo` is
+    then all it asks of the editor once it has.
     """
 
     def __init__(
-        self, editor: MemoryEditor, batch: HeldBatch, held: dict[str, torch.Tensor] | None = None
+        self,
+        editor: MemoryEditor,
+        batch: HeldBatch,
+        held: dict[str, torch.Tensor] | None = None,
+        deltas: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self._editor = editor
         self._batch = batch
         self.held = held or {}
+        self.deltas = deltas or {}
 
     def undo(self) -> None:
         self._editor._undo(self._batch)
+
+    def on_undo(self) -> None:
+        """Forget the batch, leaving the editor's tensors to whoever undid their deltas."""
+        self._editor._undo(self._batch, take_back=False)
 
 
 class MemoryEditor:
@@ -88,19 +99,29 @@ class MemoryEditor:
     def prepare(self) -> None:
         return None
 
-    def _forget(self, batch: Any) -> None:
-        """Take back what `batch` changed beyond being held (nothing by default)."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The editor's own tensors that batches change by `MemoryEdit.deltas`, by name
+        (none by default: the batch's held part is the whole change)."""
+        return {}
 
-    def _undo(self, batch: Any) -> None:
+    def _take_back(self, batch: Any) -> None:
+        """Undo what `batch` changed in `tensors()` (nothing by default)."""
+
+    def _forget(self, batch: Any) -> None:
+        """Drop what is cached from the held batches, now that `batch` is gone."""
+
+    def _undo(self, batch: Any, *, take_back: bool = True) -> None:
         if batch.undone:
             raise RuntimeError("this edit was already undone")
         if batch not in self._batches:
             raise RuntimeError(
                 "this edit is no longer held by the editor (it loaded a saved state since)"
             )
-        self._forget(batch)
+        if take_back:
+            self._take_back(batch)
         self._batches.remove(batch)
         batch.undone = True
+        self._forget(batch)
 
     def _write(
         self, directory: str | Path, tensors: dict[str, torch.Tensor], record: dict[str, Any]

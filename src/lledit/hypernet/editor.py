@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -101,7 +102,8 @@ class HypernetEditor:
             deltas = self.network.deltas(captured, None if held is None else held.precisions)
         if held is None:
             return apply_weight_deltas(self.handle, deltas)
-        return apply_weight_deltas(self.handle, deltas, held=keys_of(captured), hold=self.hold)
+        hold = functools.partial(self.hold, requests=batch)
+        return apply_weight_deltas(self.handle, deltas, held=keys_of(captured), hold=hold)
 
     def _held_keys(self) -> HeldKeys:
         """The keys held so far, made on first use."""
@@ -110,9 +112,12 @@ class HypernetEditor:
             self.held = HeldKeys(self.network, self.config.earlier_keys_weight, self.handle.device)
         return self.held
 
-    def hold(self, keys: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def hold(
+        self, keys: dict[str, torch.Tensor], requests: Sequence[EditRequest]
+    ) -> Callable[[], None]:
         """Hold a batch's keys in the ridge: one just applied, or a journaled one
-        after a restart. Returns what releases them."""
+        after a restart (the keys are all it needs, not the `requests`).
+        Returns what releases them."""
         held = self._held_keys()
         held.hold(keys)
         return lambda: held.release(keys)

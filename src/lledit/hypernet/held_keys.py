@@ -26,7 +26,12 @@ class HeldKeys:
         self.network = network
         self.weight = weight
         self.device = device
-        self.precisions = {m.name: self._unheld(m) for m in network.modules_edited}
+        self._held: list[Mapping[str, torch.Tensor]] = []
+        """Each held batch's keys, in the order held."""
+        self._reset()
+
+    def _reset(self) -> None:
+        self.precisions = {m.name: self._unheld(m) for m in self.network.modules_edited}
         self.second_moments = {
             name: torch.zeros_like(precision) for name, precision in self.precisions.items()
         }
@@ -56,6 +61,10 @@ class HeldKeys:
     @torch.no_grad()
     def hold(self, keys: Mapping[str, torch.Tensor]) -> None:
         """Add one batch's keys (tokens, d_in) in every module."""
+        self._held.append(keys)
+        self._add(keys)
+
+    def _add(self, keys: Mapping[str, torch.Tensor]) -> None:
         for module, weight in zip(self.network.modules_edited, self._key_weights(), strict=True):
             name, module_keys = module.name, keys[module.name].double()
             self.second_moments[name] += module_keys.T @ module_keys
@@ -65,14 +74,12 @@ class HeldKeys:
     def release(self, keys: Mapping[str, torch.Tensor]) -> None:
         """Let go of one batch's keys.
 
-        P is formed again from C and the keys still held, as (I + w e^-λ C⁻¹ S)⁻¹ C⁻¹:
-        taking them out by the Woodbury identity loses precision when held
-        keys outweigh the ridge many times over.
+        S and P are formed again by holding the remaining batches in order, so
+        they are bit for bit what an editor that never held this batch has (one
+        restarted from a journal, say); taking the keys out by the Woodbury
+        identity would also lose precision when held keys outweigh the ridge.
         """
-        for module, weight in zip(self.network.modules_edited, self._key_weights(), strict=True):
-            name, module_keys = module.name, keys[module.name].double()
-            self.second_moments[name] -= module_keys.T @ module_keys
-            unheld = self._unheld(module)
-            system = torch.eye(module.d_in, dtype=torch.float64, device=unheld.device)
-            system += weight * unheld @ self.second_moments[name]
-            self.precisions[name] = torch.linalg.solve(system, unheld)
+        self._held = [held for held in self._held if held is not keys]
+        self._reset()
+        for held in self._held:
+            self._add(held)

@@ -10,6 +10,7 @@ Null-Space Constrained Knowledge Editing for Language Models", ICLR 2025).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -87,9 +88,9 @@ class AlphaEdit:
         self.projections: dict[str, torch.Tensor] | None = None
         """P per edited module."""
         self.past_keys: dict[str, torch.Tensor] = {}
-        """K_p K_pᵀ per module: the keys of every batch this editor applied. Each
-        applied batch's record keeps only its keys, (d_in, edits), from which an
-        undo takes the same K Kᵀ back out."""
+        """K_p K_pᵀ per module: the keys of every batch held, summed in order."""
+        self._held: list[dict[str, torch.Tensor]] = []
+        """Each held batch's keys, (d_in, edits) per module, in the order applied."""
         self._pending: dict[str, torch.Tensor] = {}
 
     def prepare(self) -> None:
@@ -119,20 +120,36 @@ class AlphaEdit:
         self.prepare()
         self._pending = {}
         deltas = self.locator.deltas(batch, self._solve)
-        return apply_weight_deltas(self.handle, deltas, held=self._pending, hold=self.hold)
+        hold = functools.partial(self.hold, requests=batch)
+        return apply_weight_deltas(self.handle, deltas, held=self._pending, hold=hold)
 
-    def hold(self, keys: dict[str, torch.Tensor]) -> Callable[[], None]:
-        """Protect a batch's keys: one just applied, or a journaled one after a restart."""
+    def hold(
+        self, keys: dict[str, torch.Tensor], requests: Sequence[EditRequest]
+    ) -> Callable[[], None]:
+        """Protect a batch's keys: one just applied, or a journaled one after a restart.
+
+        The keys are all that later batches need of it, not its `requests`."""
+        self._held.append(keys)
+        self._add_grams(keys)
+        return lambda: self._release(keys)
+
+    def _add_grams(self, keys: dict[str, torch.Tensor]) -> None:
         for module, module_keys in keys.items():
             gram = _gram(module_keys)
             past = self.past_keys.get(module)
             self.past_keys[module] = gram if past is None else past + gram
-        return lambda: self._release(keys)
 
     def _release(self, keys: dict[str, torch.Tensor]) -> None:
-        """An undone batch's keys are no longer protected."""
-        for module, module_keys in keys.items():
-            self.past_keys[module] = self.past_keys[module] - _gram(module_keys)
+        """An undone batch's keys are no longer protected.
+
+        The sum is formed again over the batches still held, rather than the
+        batch's K Kᵀ subtracted, so it is bit for bit what an editor that never
+        held the batch has (one restarted from a journal, say).
+        """
+        self._held = [held for held in self._held if held is not keys]
+        self.past_keys = {}
+        for held in self._held:
+            self._add_grams(held)
 
 
 def _gram(keys: torch.Tensor) -> torch.Tensor:

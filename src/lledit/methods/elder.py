@@ -29,9 +29,11 @@ model's modules, weights and state dict stay as they were.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,7 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import NonFiniteUpdateError
+from lledit.edit import added_weights
 from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
 from lledit.model import ModelHandle, edit_batch, hidden_of
 
@@ -210,8 +212,12 @@ class _Batch(HeldBatch):
     """(edits, L, k) the LoRAs each edit was trained through; the routers are held to them."""
     queries: torch.Tensor
     """(edits, hidden) each edit prompt's query; its code follows the current routers."""
+    rehearsal_end: int
+    """Where the next batch's rehearsal starts among the edits held with this one."""
     before: list[torch.Tensor] | None
     after: list[torch.Tensor] | None
+    """Adapters and routers around the batch, for undo without a journal; None
+    for a batch put back from a journal, which undoes them itself."""
 
 
 class ElderEdit(MemoryEdit):
@@ -301,9 +307,7 @@ class ElderEditor(MemoryEditor):
         self.deferral_radius = config.deferral_radius
         self.adapters = adapters.to(handle.device)
         self.router = nn.Parameter((router / math.sqrt(width)).to(handle.device))
-        self._generator = generator
         self._batches: list[_Batch] = []
-        self._rehearsal_start = 0
         self._codes: torch.Tensor | None = None
         query = handle.module(handle.decoder_layer(query_layer))
         hooks = [query.register_forward_hook(self._on_query)]
@@ -322,7 +326,7 @@ class ElderEditor(MemoryEditor):
     # Routing -----------------------------------------------------------------------------------
 
     def _parameters(self) -> list[nn.Parameter]:
-        return [self.router, *self.adapters.parameters()]
+        return list(self.tensors().values())
 
     def _route(self, queries: torch.Tensor) -> Routing:
         """Scores and top-k choices of every layer's router for (batch, hidden) queries."""
@@ -430,13 +434,19 @@ class ElderEditor(MemoryEditor):
     # Editing -----------------------------------------------------------------------------------
 
     def _allocations(self, prompts: Sequence[str]) -> torch.Tensor:
-        """A random allocation (k LoRAs per layer) per distinct prompt, drawn before training."""
-        distinct = list(dict.fromkeys(prompts))
-        shape = (len(distinct), len(self.layers), self.config.n_loras)
-        draws = torch.rand(shape, generator=self._generator).argsort(dim=-1)
-        chosen = draws[..., : self.config.top_k]
-        index = torch.tensor([distinct.index(prompt) for prompt in prompts])
-        return chosen[index].to(self.handle.device)
+        """A random allocation (k LoRAs per layer) per prompt, drawn before training.
+
+        The draw is seeded by `seed` and the prompt alone, so it does not depend
+        on what was edited or undone before: a stream replayed from a journal
+        draws what the uninterrupted one drew.
+        """
+        shape = (len(self.layers), self.config.n_loras)
+        draws = []
+        for prompt in prompts:
+            digest = hashlib.sha256(f"{self.config.seed}\n{prompt}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            draws.append(torch.rand(shape, generator=generator).argsort(dim=-1))
+        return torch.stack(draws)[..., : self.config.top_k].to(self.handle.device)
 
     @torch.no_grad()
     def _restore(self, values: list[torch.Tensor]) -> None:
@@ -445,12 +455,14 @@ class ElderEditor(MemoryEditor):
 
     def _rehearsal(
         self, requests: list[EditRequest], allocations: torch.Tensor
-    ) -> tuple[list[EditRequest], torch.Tensor]:
-        """The next `replay` held edits in turn, from where the last batch's
-        rehearsal ended, with their allocations."""
+    ) -> tuple[list[EditRequest], torch.Tensor, int]:
+        """The next `replay` held edits in turn, from where the latest held batch's
+        rehearsal ended, with their allocations, and where the next one starts."""
         count = min(self.config.replay, len(requests))
-        chosen = [(self._rehearsal_start + offset) % len(requests) for offset in range(count)]
-        return [requests[index] for index in chosen], allocations[chosen]
+        start = self._batches[-1].rehearsal_end if self._batches else 0
+        chosen = [(start + offset) % len(requests) for offset in range(count)]
+        end = (start + count) % max(len(requests), 1)
+        return [requests[index] for index in chosen], allocations[chosen], end
 
     def apply(self, batch: Sequence[EditRequest]) -> ElderEdit:
         """Train adapters and routers on the batch's prompts, with `replay`
@@ -463,7 +475,9 @@ class ElderEditor(MemoryEditor):
         batch = list(batch)
         allocation = self._allocations([request.prompt for request in batch])
         held_requests, held_allocations, held_queries = self._held()
-        rehearsed, rehearsed_allocation = self._rehearsal(held_requests, held_allocations)
+        rehearsed, rehearsed_allocation, rehearsal_end = self._rehearsal(
+            held_requests, held_allocations
+        )
         trained = batch + rehearsed
         allocations = torch.cat([allocation, rehearsed_allocation])
         tokens = edit_batch(
@@ -500,25 +514,49 @@ class ElderEditor(MemoryEditor):
             logger.debug(
                 "elder batch of %d: %d steps, p(target) %.3f", len(batch), step, probability
             )
-            if not all(torch.isfinite(parameter).all() for parameter in self._parameters()):
-                raise NonFiniteUpdateError(
-                    "ELDER's training diverged (non-finite adapter or router weights); "
-                    "the batch was rejected and the editor left unchanged"
-                )
+            names = list(self.tensors())
+            trained_deltas = {
+                name: (parameter.detach() - old).float()
+                for name, parameter, old in zip(names, self._parameters(), before, strict=True)
+            }
+            # before + delta, the one expression a journal replays: bit for bit the same.
+            after = list(
+                added_weights(dict(zip(names, before, strict=True)), trained_deltas).values()
+            )
         except BaseException:
             self._restore(before)
             raise
         finally:
             self._local.training = False
             self._local.routing = None
-        after = [parameter.detach().clone() for parameter in self._parameters()]
-        self._rehearsal_start = (self._rehearsal_start + len(rehearsed)) % max(
-            len(held_requests), 1
-        )
-        record = _Batch(batch, trained_through, queries, before, after)
+        self._restore(after)
+        record = _Batch(batch, trained_through, queries, rehearsal_end, before, after)
         self._batches.append(record)
         self._codes = None
-        return ElderEdit(self, record)
+        held = {
+            "allocation": trained_through,
+            "queries": queries,
+            "rehearsal_end": torch.tensor(rehearsal_end),
+        }
+        return ElderEdit(self, record, held, trained_deltas)
+
+    def hold(
+        self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
+    ) -> Callable[[], None]:
+        """Hold a journaled batch again after a restart: its edits, allocations and
+        queries (the journal has put its deltas back). Returns what forgets it."""
+        device = self.handle.device
+        batch = _Batch(
+            list(requests),
+            held["allocation"].to(device),
+            held["queries"].to(device),
+            int(held["rehearsal_end"]),
+            before=None,
+            after=None,
+        )
+        self._batches.append(batch)
+        self._codes = None
+        return functools.partial(self._undo, batch, take_back=False)
 
     def _fit_routers(self, queries: torch.Tensor, allocations: torch.Tensor) -> None:
         """Train the routers alone until each query's top k is its allocation again."""
@@ -534,19 +572,34 @@ class ElderEditor(MemoryEditor):
             optimizer.step()
 
     @torch.no_grad()
-    def _forget(self, batch: _Batch) -> None:
-        """Put adapters and routers back to before the batch; its codes go.
+    def _take_back(self, batch: _Batch) -> None:
+        """Put adapters and routers back to before the batch.
 
         Undoing the latest batch restores them bit for bit. If later batches
         trained on top, the change this batch made is subtracted instead.
         """
+        if batch.before is None:
+            raise RuntimeError(
+                "ELDER cannot undo this batch by itself: it was loaded from a saved editor "
+                "or put back from a journal (undo a journaled batch through the journal)"
+            )
         current = self._parameters()
         if all(torch.equal(p, a) for p, a in zip(current, batch.after, strict=True)):
             self._restore(batch.before)
         else:
             for parameter, before, after in zip(current, batch.before, batch.after, strict=True):
                 parameter.sub_(after - before)
+
+    def _forget(self, batch: _Batch) -> None:
         self._codes = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Routers and LoRAs by name (as a journal stores their deltas)."""
+        named = {"elder.router": self.router}
+        for position, adapter in enumerate(self.adapters):
+            named[f"elder.adapters.{position}.lora_a"] = adapter.lora_a
+            named[f"elder.adapters.{position}.lora_b"] = adapter.lora_b
+        return named
 
     # Saving ------------------------------------------------------------------------------------
 
@@ -562,15 +615,14 @@ class ElderEditor(MemoryEditor):
         return requests, allocations, torch.cat([batch.queries for batch in self._batches])
 
     def save(self, directory: str | Path) -> None:
-        """Adapters, routers, the held edits' queries and allocations and the
-        allocation generator as safetensors; the settings and the edits'
-        prompts and targets (for rehearsal) as JSON."""
+        """Adapters, routers and the held edits' queries and allocations as
+        safetensors; the settings and the edits' prompts and targets (for
+        rehearsal) as JSON."""
         requests, allocations, queries = self._held()
         tensors = {
             "router": self.router.detach(),
             "allocations": allocations,
             "queries": queries,
-            "generator_state": self._generator.get_state(),
         }
         for position, adapter in enumerate(self.adapters):
             tensors[f"adapters.{position}.lora_a"] = adapter.lora_a.detach()
@@ -579,7 +631,7 @@ class ElderEditor(MemoryEditor):
             "config": asdict(self.config),
             "modules": self.modules,
             "query_layer": self.query_layer,
-            "rehearsal_start": self._rehearsal_start,
+            "rehearsal_start": self._batches[-1].rehearsal_end if self._batches else 0,
             "edits": [{"prompt": r.prompt, "target_new": r.target_new} for r in requests],
         }
         self._write(directory, tensors, record)
@@ -610,8 +662,6 @@ class ElderEditor(MemoryEditor):
             for position, adapter in enumerate(self.adapters):
                 adapter.lora_a.copy_(tensors[f"adapters.{position}.lora_a"])
                 adapter.lora_b.copy_(tensors[f"adapters.{position}.lora_b"])
-        self._generator.set_state(tensors["generator_state"])
-        self._rehearsal_start = rehearsal_start
         if requests:
             device = self.handle.device
             self._batches = [
@@ -619,6 +669,7 @@ class ElderEditor(MemoryEditor):
                     requests,
                     tensors["allocations"].to(device),
                     tensors["queries"].to(device),
+                    rehearsal_start,
                     before=None,
                     after=None,
                 )

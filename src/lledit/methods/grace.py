@@ -221,8 +221,12 @@ class GRACE(MemoryEditor):
         entries = self._hold(held)
         return MemoryEdit(self, entries, held)
 
-    def hold(self, held: dict[str, torch.Tensor]) -> Callable[[], None]:
-        """Put a journaled batch's entries back (after a restart); returns its undo."""
+    def hold(
+        self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
+    ) -> Callable[[], None]:
+        """Put a journaled batch's entries back (after a restart); returns its undo.
+
+        The entries are the whole edit; `requests` are not needed."""
         return functools.partial(self._undo, self._hold(held))
 
     def _hold(self, held: dict[str, torch.Tensor]) -> _Entries:
