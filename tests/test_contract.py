@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +34,7 @@ from lledit import EditRequest, make_editor
 from lledit.hypernet.training import HypernetTrainer
 from lledit.journal import Journal, JournaledModel
 from lledit.methods import METHODS, parse_settings, train_config_class
-from lledit.model import ModelHandle
+from lledit.model import ModelHandle, load_model
 
 FAST = {
     "ft": {"steps": 5},
@@ -211,6 +218,66 @@ def test_a_restarted_stream_ends_where_an_uninterrupted_one_does(
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
     restarted = journaled(_copy(tiny), tmp_path / "restarted.db")
     run(restarted, stream[restart_after:])
+    assert_weights_equal(restarted.handle, snapshot(straight.handle))
+    expected, found = _state(straight.editor), _state(restarted.editor)
+    assert found.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(found[name], value), name
+    assert torch.equal(_outputs(restarted.handle), _outputs(straight.handle))
+
+
+def _batches_recorded(path) -> int:
+    if not path.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+            return connection.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not written yet
+        return 0
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_stream_killed_mid_batch_restarts_where_an_uninterrupted_one_ends(
+    method, tiny, checkpoints, tmp_path, monkeypatch
+):
+    """`lledit edit` is SIGKILLed once its second batch is journaled; the stream,
+    restarted from the journal and continued, ends bit for bit where a run
+    without the kill does."""
+    monkeypatch.chdir(tmp_path)  # the folder's name is the model's, as the networks expect
+    model_dir = Path(tiny.name)
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    stream = [BATCH[0], BATCH[1], EditRequest("The chemical symbol for gold is", "Ag")] * 2
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("".join(json.dumps(request.to_dict()) + "\n" for request in stream))
+    settings = _settings(method, tiny.arch.name, checkpoints)
+    journal = tmp_path / "killed.db"
+    command = [sys.executable, "-m", "lledit.cli", "edit", str(edits), "--journal", str(journal),
+               "--method", method, "--model", str(model_dir), "--batch-size", "1"]  # fmt: skip
+    for key, value in settings.items():
+        command += ["--set", f"{key}={value}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and _batches_recorded(journal) < 2:
+        assert time.monotonic() < deadline, "no second batch within 120 s"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode in (0, -signal.SIGKILL), output.decode()
+
+    def journaled(path):
+        handle = load_model(str(model_dir))
+        return JournaledModel(handle, Journal(path), make_editor(method, handle, **settings))
+
+    restarted = journaled(journal)
+    done = len(restarted.journal.batches())
+    assert all(batch.status == "applied" for batch in restarted.journal.batches())
+    for request in stream[done:]:
+        restarted.apply([request])
+    straight = journaled(tmp_path / "straight.db")
+    for request in stream:
+        straight.apply([request])
     assert_weights_equal(restarted.handle, snapshot(straight.handle))
     expected, found = _state(straight.editor), _state(restarted.editor)
     assert found.keys() == expected.keys()

@@ -362,8 +362,13 @@ def test_lock_writer_excludes_readers_and_goes_first():
     assert order == ["first reader", "writer", "late reader"]
 
 
-def test_grace_is_served_generates_through_its_codebook_and_undoes(tiny, tmp_path):
-    editor = make_editor("grace", tiny, radius=1e-3, steps=10)
+@pytest.mark.parametrize(
+    ("method", "settings"), [("grace", {"radius": 1e-3, "steps": 10}), ("elder", {"steps": 10})]
+)
+def test_a_memory_method_is_served_generates_through_its_memory_and_undoes(
+    tiny, tmp_path, method, settings
+):
+    editor = make_editor(method, tiny, **settings)
     with Journal(tmp_path / "j.db") as journal:
         app = create_app(JournaledModel(tiny, journal, editor), max_batch_size=4,
                          max_body_bytes=MAX_BODY_BYTES)  # fmt: skip
