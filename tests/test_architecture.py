@@ -21,6 +21,7 @@ LAYERS = (
     ("lledit.hypernet",),
     ("lledit.methods",),
     ("lledit.journal",),
+    ("lledit.export",),
     ("lledit.server",),
     ("lledit.cli",),
 )

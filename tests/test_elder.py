@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
-from lledit import EditRequest, make_editor
+from lledit import EditRequest, load_edited, load_model, make_editor
 from lledit.cli import app
 from lledit.eval import evaluate
 from lledit.eval.scoring import score_pairs
@@ -743,21 +743,28 @@ def test_router_fit_sends_held_edits_back_to_the_loras_they_were_trained_through
     assert free < 1.0
 
 
-def test_a_grace_journal_is_not_exported_or_replayed_without_its_editor(
-    tiny, requests_small, tmp_path
+@pytest.mark.parametrize("method", ["elder", "grace"])
+def test_a_memory_journal_exports_an_lledit_folder_that_loads_in_one_call(
+    tiny, requests_small, tmp_path, monkeypatch, method
 ):
-    live = JournaledModel(tiny, Journal(tmp_path / "j.db"), make_editor("grace", tiny, steps=3))
-    live.apply(requests_small[:1])
+    monkeypatch.chdir(tmp_path)  # the model folder's name is the model's
+    tiny.model.save_pretrained(tiny.name)
+    tiny.tokenizer.save_pretrained(tiny.name)
+    handle = load_model(tiny.name)
+    live = JournaledModel(handle, Journal("j.db"), make_editor(method, handle, steps=3))
+    live.apply(requests_small[:2])
+    probe = [r.prompt for r in requests_small] + UNRELATED
+    expected = logits(handle, probe)
     live.journal.close()
-    with pytest.raises(JournalError, match="holds edits of 'grace', which live in the editor"):
-        JournaledModel(same_model(tiny), Journal(tmp_path / "j.db"))
-    folder = tmp_path / "model"
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
-    result = CliRunner().invoke(
-        app,
-        ["export", "--journal", str(tmp_path / "j.db"), "--model", str(folder),
-         "--out", str(tmp_path / "out")],
-    )  # fmt: skip
-    assert result.exit_code == 2 and "holds edits of 'grace'" in result.output
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(JournalError, match=f"holds edits of '{method}', which live in the editor"):
+        JournaledModel(load_model(tiny.name), Journal("j.db"))
+
+    result = CliRunner().invoke(app, ["export", "--journal", "j.db", "--out", "out"])
+    assert result.exit_code == 0, result.output
+    assert "plain transformers cannot" in result.output and "load_edited" in result.output
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    loaded, editor = load_edited("out")
+    assert editor.name == method
+    assert torch.equal(logits(loaded, probe), expected)
+    with pytest.raises(FileNotFoundError, match="not an lledit folder"):
+        load_edited(tiny.name)

@@ -43,6 +43,7 @@ from lledit.eval.report import (
     plot_comparison,
     plot_retention_by_age,
 )
+from lledit.export import export_journal
 from lledit.hypernet import CheckpointError
 from lledit.hypernet.training import HypernetTrainer
 from lledit.journal import UNDONE, Journal, JournaledModel, JournalError
@@ -55,7 +56,7 @@ from lledit.methods import (
     parse_settings,
     train_config_class,
 )
-from lledit.model import DEFAULT_MODEL, ModelLoadError, load_model
+from lledit.model import ModelLoadError, load_model
 from lledit.server import serve as run_server
 
 app = typer.Typer(help="Lifelong knowledge editing of language models.", no_args_is_help=True)
@@ -573,25 +574,26 @@ def export(
     ] = None,
     dtype: DtypeOption = "float32",
 ) -> None:
-    """Write the edited model as a Hugging Face folder (safetensors) that needs no lledit."""
+    """Write the edited model to a folder.
+
+    Weight editors give a Hugging Face folder (safetensors) that needs no
+    lledit. ELDER's and GRACE's edits are adapters routed per sequence, which
+    plain transformers cannot run: they give an lledit folder that
+    `lledit.load_edited(OUT)` opens.
+    """
     try:
         with _existing_journal(journal) as opened:
-            if model is None:
-                written_for = {batch.model for batch in opened.batches()}
-                if len(written_for) != 1:
-                    raise ValueError(
-                        f"the journal holds batches for {sorted(written_for) or 'no model'}; "
-                        "name the base model with --model"
-                    )
-                (name,) = written_for
-                model = None if name == DEFAULT_MODEL else name
-            handle = load_model(model, dtype=dtype)
-            JournaledModel(handle, opened)
-        handle.model.save_pretrained(out)
-        handle.tokenizer.save_pretrained(out)
+            plain = export_journal(opened, out, model=model, dtype=dtype)
     except USER_ERRORS as error:
         raise _fail(error) from error
-    console.print(f"edited model written to {out}/")
+    if plain:
+        console.print(f"edited model written to {out}/")
+    else:
+        console.print(
+            f"edited model written to {out}/ as an lledit folder: its edits are routed per "
+            "sequence, which plain transformers cannot do; load it with "
+            f"lledit.load_edited('{out}')"
+        )
 
 
 @app.command()
