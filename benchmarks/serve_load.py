@@ -3,11 +3,15 @@
 Starts `lledit serve` on loopback (default model, or `--model DIR`), then runs
 8 client threads issuing generate (8 new tokens) and score requests while one
 more thread applies 50 edit batches of 5 built-in train requests one after
-another (the 200 records are reused once exhausted). Stops after the last
-batch or the time limit. Reports throughput and p50/p99 latency per kind and
-the number of errors (must be 0), and checks that every acknowledged batch and
-edit is in the journal afterwards.
-Run: `python benchmarks/serve_load.py [--model DIR] [--batches 50] [--set steps=15]`.
+another (the 200 records are reused once exhausted), and one more polls
+`/v1/health` every 0.2 s. With `--heavy-score`, one of the clients instead
+sends the largest score request the service accepts (100 candidates, close to
+its token budget) again and again. Stops after the last batch or the time
+limit. Reports throughput and p50/p99 latency per kind, the number of errors
+(must be 0) and the service's peak RSS, and checks that every acknowledged
+batch and edit is in the journal afterwards.
+Run: `python benchmarks/serve_load.py [--model DIR] [--method ft] [--batches 50]
+[--set steps=15] [--heavy-score]`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from lledit import EditRequest, load_dataset
 from lledit.journal import APPLIED, Journal
 
 HOST = "127.0.0.1"
-KINDS = ("edit", "generate", "score")
+KINDS = ("edit", "generate", "score", "heavy score", "health")
 
 
 class Results:
@@ -42,11 +46,12 @@ class Results:
         self.latencies: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, list[str]] = defaultdict(list)
 
-    def post(self, kind: str, client: httpx.Client, path: str, body: dict) -> Any:
-        """The JSON answer of a successful request, None (and an error counted) otherwise."""
+    def post(self, kind: str, client: httpx.Client, path: str, body: dict | None) -> Any:
+        """The JSON answer of a successful request (a GET without `body`), None (and an
+        error counted) otherwise."""
         started = time.perf_counter()
         try:
-            response = client.post(path, json=body)
+            response = client.get(path) if body is None else client.post(path, json=body)
         except httpx.HTTPError as error:
             failure = f"{kind}: {type(error).__name__}: {error}"
         else:
@@ -118,11 +123,14 @@ def run_load(
 
     def read(worker: int) -> None:
         with httpx.Client(base_url=base_url, timeout=arguments.time_limit) as client:
+            heavy = heaviest_score(client) if arguments.heavy_score and worker == 0 else None
             for count in itertools.count(worker):
                 if edits_done.is_set() or time.monotonic() > deadline:
                     return
                 probe = probes[count % len(probes)]
-                if count % 2:
+                if heavy is not None:
+                    results.post("heavy score", client, "/v1/score", heavy)
+                elif count % 2:
                     body = {"prompt": probe.prompt, "max_new_tokens": arguments.max_new_tokens}
                     results.post("generate", client, "/v1/generate", body)
                 else:
@@ -130,7 +138,13 @@ def run_load(
                     body = {"prompt": probe.prompt, "candidates": candidates}
                     results.post("score", client, "/v1/score", body)
 
-    threads = [threading.Thread(target=edit)]
+    def health() -> None:
+        with httpx.Client(base_url=base_url, timeout=arguments.time_limit) as client:
+            while not edits_done.is_set() and time.monotonic() < deadline:
+                results.post("health", client, "/v1/health", None)
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=edit), threading.Thread(target=health)]
     threads += [threading.Thread(target=read, args=(i,)) for i in range(arguments.clients)]
     started = time.perf_counter()
     for thread in threads:
@@ -138,6 +152,24 @@ def run_load(
     for thread in threads:
         thread.join()
     return time.perf_counter() - started, results, acknowledged
+
+
+def heaviest_score(client: httpx.Client) -> dict:
+    """A score request of 100 candidates, each as long as the token budget allows."""
+    for words in range(20, 0, -1):
+        candidates = [f"{index} " + " ".join(["Paris"] * words) for index in range(100)]
+        body = {"prompt": "The capital of France is", "candidates": candidates}
+        if client.post("/v1/score", json=body).status_code == 200:
+            return body
+    raise RuntimeError("the service refused even one-word candidates")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set so far (Linux's VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc (not Linux?)")
 
 
 def unjournaled(journal_path: Path, acknowledged: list[dict]) -> list[dict]:
@@ -170,6 +202,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--time-limit", type=float, default=600, help="Seconds of load at most.")
+    parser.add_argument(
+        "--heavy-score", action="store_true", help="One client sends the largest score."
+    )
     arguments = parser.parse_args()
 
     size = arguments.batch_size
@@ -183,6 +218,7 @@ def main() -> None:
         server, base_url = start_service(arguments, journal_path)
         try:
             wall, results, acknowledged = run_load(arguments, base_url, batches, probes)
+            peak = peak_rss_mib(server.pid)
         finally:
             server.terminate()  # SIGTERM: uvicorn finishes in-flight requests first
             server.wait(timeout=120)
@@ -204,6 +240,7 @@ def main() -> None:
     errors = [error for kind in KINDS for error in results.errors[kind]]
     for error in errors[:5]:
         print(f"error: {error}")
+    print(f"service peak RSS: {peak:.0f} MiB")
     print(f"acknowledged batches missing from the journal: {len(missing)}")
     if errors or missing:
         sys.exit(1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,11 +53,14 @@ class MemoryEdit:
         self.deltas = deltas or {}
 
     def undo(self) -> None:
-        self._editor._undo(self._batch)
+        self._editor._undo(self._batch, self._take_back)
+
+    def _take_back(self) -> None:
+        """Undo what the batch changed in the editor's tensors (nothing by default)."""
 
     def on_undo(self) -> None:
         """Forget the batch, leaving the editor's tensors to whoever undid their deltas."""
-        self._editor._undo(self._batch, take_back=False)
+        self._editor._undo(self._batch)
 
 
 class MemoryEditor:
@@ -104,21 +108,19 @@ class MemoryEditor:
         (none by default: the batch's held part is the whole change)."""
         return {}
 
-    def _take_back(self, batch: Any) -> None:
-        """Undo what `batch` changed in `tensors()` (nothing by default)."""
-
     def _forget(self, batch: Any) -> None:
         """Drop what is cached from the held batches, now that `batch` is gone."""
 
-    def _undo(self, batch: Any, *, take_back: bool = True) -> None:
+    def _undo(self, batch: Any, take_back: Callable[[], None] | None = None) -> None:
+        """Stop holding `batch`, after `take_back` has undone its change to the tensors."""
         if batch.undone:
             raise RuntimeError("this edit was already undone")
         if batch not in self._batches:
             raise RuntimeError(
                 "this edit is no longer held by the editor (it loaded a saved state since)"
             )
-        if take_back:
-            self._take_back(batch)
+        if take_back is not None:
+            take_back()
         self._batches.remove(batch)
         batch.undone = True
         self._forget(batch)

@@ -214,10 +214,6 @@ class _Batch(HeldBatch):
     """(edits, hidden) each edit prompt's query; its code follows the current routers."""
     rehearsal_end: int
     """Where the next batch's rehearsal starts among the edits held with this one."""
-    before: list[torch.Tensor] | None
-    after: list[torch.Tensor] | None
-    """Adapters and routers around the batch, for undo without a journal; None
-    for a batch put back from a journal, which undoes them itself."""
 
 
 class ElderEdit(MemoryEdit):
@@ -225,6 +221,35 @@ class ElderEdit(MemoryEdit):
 
     _editor: ElderEditor
     _batch: _Batch
+
+    def __init__(
+        self,
+        editor: ElderEditor,
+        batch: _Batch,
+        held: dict[str, torch.Tensor],
+        deltas: dict[str, torch.Tensor],
+        before: list[torch.Tensor],
+        after: list[torch.Tensor],
+    ) -> None:
+        super().__init__(editor, batch, held, deltas)
+        self._before = before
+        self._after = after
+        """Adapters and routers around the batch, kept only as long as this record
+        (a journal drops it and undoes the deltas itself)."""
+
+    @torch.no_grad()
+    def _take_back(self) -> None:
+        """Put adapters and routers back to before the batch.
+
+        Undoing the latest batch restores them bit for bit. If later batches
+        trained on top, the change this batch made is subtracted instead.
+        """
+        current = self._editor._parameters()
+        if all(torch.equal(p, a) for p, a in zip(current, self._after, strict=True)):
+            self._editor._restore(self._before)
+        else:
+            for parameter, before, after in zip(current, self._before, self._after, strict=True):
+                parameter.sub_(after - before)
 
     @property
     def allocation(self) -> torch.Tensor:
@@ -530,7 +555,7 @@ class ElderEditor(MemoryEditor):
             self._local.training = False
             self._local.routing = None
         self._restore(after)
-        record = _Batch(batch, trained_through, queries, rehearsal_end, before, after)
+        record = _Batch(batch, trained_through, queries, rehearsal_end)
         self._batches.append(record)
         self._codes = None
         held = {
@@ -538,7 +563,7 @@ class ElderEditor(MemoryEditor):
             "queries": queries,
             "rehearsal_end": torch.tensor(rehearsal_end),
         }
-        return ElderEdit(self, record, held, trained_deltas)
+        return ElderEdit(self, record, held, trained_deltas, before, after)
 
     def hold(
         self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
@@ -551,12 +576,10 @@ class ElderEditor(MemoryEditor):
             held["allocation"].to(device),
             held["queries"].to(device),
             int(held["rehearsal_end"]),
-            before=None,
-            after=None,
         )
         self._batches.append(batch)
         self._codes = None
-        return functools.partial(self._undo, batch, take_back=False)
+        return functools.partial(self._undo, batch)
 
     def _fit_routers(self, queries: torch.Tensor, allocations: torch.Tensor) -> None:
         """Train the routers alone until each query's top k is its allocation again."""
@@ -570,25 +593,6 @@ class ElderEditor(MemoryEditor):
             loss = -routing.log_probs.gather(-1, allocations).sum(dim=(1, 2)).mean()
             loss.backward()
             optimizer.step()
-
-    @torch.no_grad()
-    def _take_back(self, batch: _Batch) -> None:
-        """Put adapters and routers back to before the batch.
-
-        Undoing the latest batch restores them bit for bit. If later batches
-        trained on top, the change this batch made is subtracted instead.
-        """
-        if batch.before is None:
-            raise RuntimeError(
-                "ELDER cannot undo this batch by itself: it was loaded from a saved editor "
-                "or put back from a journal (undo a journaled batch through the journal)"
-            )
-        current = self._parameters()
-        if all(torch.equal(p, a) for p, a in zip(current, batch.after, strict=True)):
-            self._restore(batch.before)
-        else:
-            for parameter, before, after in zip(current, batch.before, batch.after, strict=True):
-                parameter.sub_(after - before)
 
     def _forget(self, batch: _Batch) -> None:
         self._codes = None
@@ -670,7 +674,5 @@ class ElderEditor(MemoryEditor):
                     tensors["allocations"].to(device),
                     tensors["queries"].to(device),
                     rehearsal_start,
-                    before=None,
-                    after=None,
                 )
             ]
