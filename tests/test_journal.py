@@ -312,3 +312,15 @@ def test_a_journal_is_edited_by_the_method_that_wrote_it(fresh, requests_small, 
     with pytest.raises(JournalError, match=r"written by \['ft'\]; edit it with that method"):
         JournaledModel(handle, Journal(tmp_path / "j.db"), make_editor("none", handle))
     JournaledModel(handle, Journal(tmp_path / "j.db"))  # replay needs no method
+
+
+def test_a_journal_is_continued_only_with_the_settings_that_wrote_it(
+    fresh, requests_small, tmp_path
+):
+    live, _, _ = _two_batches(fresh, requests_small, tmp_path / "j.db")
+    live.journal.close()
+    handle = fresh()
+    changed = {**FT, "steps": FT["steps"] + 1}
+    with pytest.raises(JournalError, match=rf"other settings \(steps: {FT['steps']} there, "):
+        JournaledModel(handle, Journal(tmp_path / "j.db"), make_editor("ft", handle, **changed))
+    JournaledModel(handle, Journal(tmp_path / "j.db"), make_editor("ft", handle, **FT))

@@ -599,6 +599,7 @@ class JournaledModel:
                 # Statistics and sampled prefixes come from the base model, as in a
                 # run that never stopped, not from the edited one.
                 editor.prepare()
+                _check_settings(journal, editor)
             self.rebuild()
             if editor is not None:
                 self._hold_journaled()
@@ -811,4 +812,23 @@ def _check_method(journal: Journal, editor: EditMethod | None) -> None:
         raise JournalError(
             f"{journal.path} holds batches written by {sorted(others)}; edit it with "
             f"that method (not '{editor.name}'), or start a new journal"
+        )
+
+
+def _check_settings(journal: Journal, editor: EditMethod) -> None:
+    """Refuse an editor whose settings differ from those of the journal's latest
+    batch: what it edits next would not be what the journal's own run would edit."""
+    applied = journal.batches(status=APPLIED)
+    if not applied:
+        return
+    written = applied[-1].method_config
+    current = json.loads(json.dumps(editor.config_dict()))
+    changed = sorted(k for k in written.keys() | current.keys() if written.get(k) != current.get(k))
+    if changed:
+        differences = "; ".join(
+            f"{key}: {written.get(key)!r} there, {current.get(key)!r} here" for key in changed[:3]
+        )
+        raise JournalError(
+            f"{journal.path} was written by '{editor.name}' with other settings ({differences}); "
+            "open it with the journal's settings, or start a new journal"
         )
