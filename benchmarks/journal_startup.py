@@ -1,14 +1,16 @@
 """Start-up from a journal of many batches against one of few, side by side.
 
-Journals of 10 and of 1000 batches are written by a stand-in editor, so that
+Journals of 10 and of 1009 batches are written by a stand-in editor, so that
 writing them takes minutes rather than the hours real edits would: with
 `--method ft`, FT-shaped deltas (the MLP output projection of layer 21 of the
 default model, small random values); with `--method elder`, ELDER-shaped
 records (a random change to every LoRA and router of the default ELDER,
 and each edit's allocation and query). Start-up (load the default model,
 build the editor for a memory method, replay the journal) is then timed for
-each, alternating, with snapshots every 100 batches (the default) and, for
-FT, without any. ELDER's journal of 1000 batches takes about 13 GB.
+each, alternating, with snapshots every 10 batches (the default) and, for
+FT, without any. The long journal has 1009 batches, so that start-up
+replays the most batches after a snapshot that it ever does (9). ELDER's
+journal of 1009 batches takes about 15 GB.
 
 Run: `python benchmarks/journal_startup.py [--method ft|elder] [--repeats 3] [--dir DIR]`.
 """
@@ -27,7 +29,7 @@ import torch
 
 from lledit import EditRequest, load_model, make_editor
 from lledit.edit import WeightDelta, added_weights, apply_weight_deltas
-from lledit.journal import Journal, JournaledModel
+from lledit.journal import SNAPSHOT_EVERY, Journal, JournaledModel
 from lledit.model import ModelHandle
 
 
@@ -130,11 +132,11 @@ def main() -> None:
     folder = arguments.dir or Path(tempfile.mkdtemp(prefix="lledit-journals-"))
     method = arguments.method
     cases = {
-        "10 batches": (10, 100),
-        "1000 batches, snapshots every 100": (1000, 100),
+        "10 batches": (10, SNAPSHOT_EVERY),
+        "1009 batches": (1009, SNAPSHOT_EVERY),
     }
     if method == "ft":
-        cases["1000 batches, no snapshots"] = (1000, 10**9)
+        cases["1009 batches, no snapshots"] = (1009, 10**9)
     paths = {}
     for label, (batches, every) in cases.items():
         paths[label] = folder / method / label.replace(" ", "_").replace(",", "") / "j.db"

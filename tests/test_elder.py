@@ -1,8 +1,10 @@
 """ELDER and GRACE on tiny random models: deferral, routing, training, undo, save/load."""
 
+import gc
 import inspect
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -535,7 +537,12 @@ def test_elder_through_the_journal_restart_and_undo(tiny, requests_small, tmp_pa
         )
 
     live = journaled(tiny)
+    applied = []
+    apply = live.editor.apply
+    live.editor.apply = lambda batch: applied.append(weakref.ref(record := apply(batch))) or record
     first = live.apply(requests_small[:2])
+    gc.collect()
+    assert applied[0]() is None, "the journal keeps the batch's before and after alive"
     after_first = logits(tiny, prompts + UNRELATED)
     live.apply(requests_small[2:])
     edited = logits(tiny, prompts + UNRELATED)

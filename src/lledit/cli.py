@@ -46,7 +46,7 @@ from lledit.eval.report import (
 from lledit.export import export_journal
 from lledit.hypernet import CheckpointError
 from lledit.hypernet.training import HypernetTrainer
-from lledit.journal import UNDONE, Journal, JournaledModel, JournalError
+from lledit.journal import SNAPSHOT_EVERY, UNDONE, Journal, JournaledModel, JournalError
 from lledit.methods import (
     METHODS,
     UnknownMethodError,
@@ -510,7 +510,7 @@ def edit(
     settings: SettingsOption = None,
     skip_invalid: SkipInvalidOption = False,
     allow_download: DownloadOption = False,
-    snapshot_every: SnapshotOption = 100,
+    snapshot_every: SnapshotOption = SNAPSHOT_EVERY,
 ) -> None:
     """Apply the edits in FILE batch by batch; each batch is journaled before the next."""
     try:
@@ -624,7 +624,7 @@ def serve(
         bool, typer.Option(help="Serve a non-loopback address without a token (unsafe).")
     ] = False,
     allow_download: DownloadOption = False,
-    snapshot_every: SnapshotOption = 100,
+    snapshot_every: SnapshotOption = SNAPSHOT_EVERY,
 ) -> None:
     """Serve the journaled model over HTTP: edit, undo, generate, score."""
     logging.getLogger("lledit.server").setLevel(logging.INFO)  # say where it listens

@@ -9,6 +9,7 @@ folder as one safetensors file and one JSON file.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -51,16 +52,15 @@ class MemoryEdit:
         self._batch = batch
         self.held = held or {}
         self.deltas = deltas or {}
+        self.on_undo = functools.partial(editor._undo, batch)
+        """Forget the batch, leaving the editor's tensors to whoever undid their
+        deltas; it does not keep this record (and what `_take_back` needs) alive."""
 
     def undo(self) -> None:
         self._editor._undo(self._batch, self._take_back)
 
     def _take_back(self) -> None:
         """Undo what the batch changed in the editor's tensors (nothing by default)."""
-
-    def on_undo(self) -> None:
-        """Forget the batch, leaving the editor's tensors to whoever undid their deltas."""
-        self._editor._undo(self._batch)
 
 
 class MemoryEditor:
