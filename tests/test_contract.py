@@ -38,6 +38,7 @@ from lledit.model import ModelHandle, load_model
 
 FAST = {
     "ft": {"steps": 5},
+    "locft": {"epochs": 3},
     "memit": {"stats_samples": 600, "prefix_count": 1, "prefix_length": 3, "value_steps": 3},
     "alphaedit": {
         "stats_samples": 600,

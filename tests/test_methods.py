@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_weights_equal, snapshot
@@ -99,3 +101,67 @@ def test_ft_config_checks_and_settings_parsing(tiny):
     assert editor.config_dict()["modules"] == [tiny.layer_module(0, p) for p in tiny.arch.mlp_in]
     assert make_editor("ft", tiny).modules == [tiny.layer_module(2, tiny.arch.mlp_out)]
     assert isinstance(EditRequest("a", "b"), EditRequest)
+
+
+# LocFT-BF ------------------------------------------------------------------------------------
+
+
+def sequences_per_pass(handle):
+    """Sequences in each forward pass from now on, and the hook that counts them."""
+    rows: list[int] = []
+    hook = handle.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    return rows, hook
+
+
+def test_locft_appends_eos_once_and_learns_the_edits(tiny, requests_small):
+    editor = make_editor("locft", tiny, lr=5e-3, epochs=20)
+    eos = tiny.tokenizer.eos_token
+    trained = editor._trained(
+        [requests_small[0], dataclasses.replace(requests_small[1], target_new="x" + eos)]
+    )
+    assert [r.target_new for r in trained] == [requests_small[0].target_new + eos, "x" + eos]
+    assert make_editor("locft", tiny, append_eos=False)._trained(requests_small) == requests_small
+    efficacy_before = evaluate(tiny, requests_small)[0]["efficacy"]
+    editor.apply(requests_small)
+    assert evaluate(tiny, requests_small)[0]["efficacy"] > efficacy_before
+
+
+def test_locft_trains_breadth_first_with_the_held_edits(tiny, requests_small):
+    editor = make_editor("locft", tiny, replay=-1, minibatch=2, epochs=2, stop_loss=1e-9)
+    first = editor.apply(requests_small[:2])
+    rows, hook = sequences_per_pass(tiny)
+    try:
+        editor.apply(requests_small[2:])
+    finally:
+        hook.remove()
+    assert rows == [2, 1] * 2  # new and held edits, in mini-batches of 2, each epoch
+    first.undo()
+    rows, hook = sequences_per_pass(tiny)
+    try:
+        editor.apply(requests_small[:1])
+    finally:
+        hook.remove()
+    assert rows == [2] * 2  # the undone batch is no longer rehearsed
+    one = make_editor("locft", tiny, replay=1, minibatch=100, epochs=2, stop_loss=1e-9)
+    one.apply(requests_small[:2])
+    rows, hook = sequences_per_pass(tiny)
+    try:
+        one.apply(requests_small[2:])
+    finally:
+        hook.remove()
+    assert rows == [2] * 2  # the new edit and one of the two held
+
+
+def test_locft_stops_once_an_epoch_is_below_the_loss_threshold(tiny, requests_small):
+    before = snapshot(tiny)
+    editor = make_editor("locft", tiny, stop_loss=1e9)
+    rows, hook = sequences_per_pass(tiny)
+    try:
+        applied = editor.apply(requests_small)
+    finally:
+        hook.remove()
+    assert rows == [len(requests_small)]  # one epoch, no step taken
+    assert all(delta.abs().max() == 0 for delta in applied.deltas.values())
+    assert_weights_equal(tiny, before)

@@ -704,12 +704,13 @@ class JournaledModel:
         self._switch(weights)
 
     def _hold_journaled(self) -> None:
-        """Give the editor back what it held of each applied batch (its keys), in order."""
+        """Give the editor back what it held of each applied batch (its keys, its
+        edits), in order."""
+        if not hasattr(self.editor, "hold"):
+            return
         for batch in self.journal.batches(status=APPLIED):
-            held = self.journal.held(batch)
-            if held:
-                requests = [edit.request for edit in self.journal.batch_edits(batch.id)]
-                self._releases[batch.id] = self.editor.hold(held, requests)
+            requests = [edit.request for edit in self.journal.batch_edits(batch.id)]
+            self._releases[batch.id] = self.editor.hold(self.journal.held(batch), requests)
 
     def apply(
         self, requests: Sequence[EditRequest], *, client_key: str | None = None

@@ -118,6 +118,8 @@ class HypernetEditor:
         """Hold a batch's keys in the ridge: one just applied, or a journaled one
         after a restart (the keys are all it needs, not the `requests`).
         Returns what releases them."""
+        if not keys:  # a batch applied without holding keys (earlier_keys_weight 0)
+            return lambda: None
         held = self._held_keys()
         held.hold(keys)
         return lambda: held.release(keys)

@@ -13,6 +13,7 @@ from lledit.methods.alphaedit import AlphaEdit, AlphaEditConfig
 from lledit.methods.elder import ElderConfig, ElderEditor
 from lledit.methods.ft import FineTune, FTConfig
 from lledit.methods.grace import GRACE, GRACEConfig
+from lledit.methods.locft import LocFT, LocFTConfig
 from lledit.methods.malmen import MALMEN
 from lledit.methods.memit import MEMIT, MEMITConfig
 from lledit.methods.mend import MEND
@@ -22,7 +23,18 @@ from lledit.model import ModelHandle
 
 METHODS: dict[str, type] = {
     method.name: method
-    for method in (NoEdit, FineTune, MEND, MALMEN, RLEdit, MEMIT, AlphaEdit, ElderEditor, GRACE)
+    for method in (
+        NoEdit,
+        FineTune,
+        LocFT,
+        MEND,
+        MALMEN,
+        RLEdit,
+        MEMIT,
+        AlphaEdit,
+        ElderEditor,
+        GRACE,
+    )
 }
 
 
@@ -128,6 +140,8 @@ __all__ = [
     "FTConfig",
     "FineTune",
     "GRACEConfig",
+    "LocFT",
+    "LocFTConfig",
     "MEMITConfig",
     "NoEdit",
     "RLEdit",
