@@ -87,7 +87,11 @@ def test_generation_is_the_greedy_continuation(tiny):
 
 @pytest.mark.parametrize(
     ("method", "settings"),
-    [("grace", {"radius": 1e-3}), ("elder", ELDER_ALWAYS)],
+    [
+        ("grace", {"radius": 1e-3}),
+        ("elder", ELDER_ALWAYS),
+        ("memoir", {"active": 32, "threshold": 0.05}),
+    ],
 )
 def test_memory_editors_generate_in_batches_like_one_at_a_time(
     tiny, requests_small, method, settings

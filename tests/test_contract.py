@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_weights_equal, make_tiny_model, snapshot
+from safetensors.torch import load_file
 
 from lledit import EditRequest, make_editor
 from lledit.hypernet.training import HypernetTrainer
@@ -49,6 +50,7 @@ FAST = {
     },
     "elder": {"steps": 5},
     "grace": {"steps": 5},
+    "memoir": {"steps": 5, "active": 32},
 }
 """Settings that keep each method quick on the tiny models."""
 
@@ -171,22 +173,20 @@ def test_settings_reach_the_config(method, tiny, checkpoints):
         parse_settings(method, ["no_such_setting=1"])
 
 
-def _state(editor) -> dict[str, torch.Tensor]:
-    """What an editor holds for later batches, wherever it keeps it."""
-    if hasattr(editor, "past_keys"):
-        return dict(editor.past_keys)
-    if hasattr(editor, "_entries"):  # GRACE's codebook
-        codebook = editor._entries()
-        return (
-            {}
-            if codebook is None
-            else dict(zip(("keys", "values", "radii"), codebook, strict=True))
-        )
-    if hasattr(editor, "tensors"):  # ELDER's LoRAs and routers, and what it holds of each edit
-        _, allocations, queries = editor._held()
-        return {**editor.tensors(), "allocations": allocations, "queries": queries}
+def _state(editor, folder) -> dict[str, torch.Tensor]:
+    """What an editor keeps beside the model's weights: its own tensors, everything it
+    saves, and the keys it holds for later batches (AlphaEdit's, RLEdit's)."""
+    state = {f"tensor {name}": value for name, value in getattr(editor, "tensors", dict)().items()}
+    if hasattr(editor, "save"):
+        editor.save(folder)
+        for path in sorted(folder.glob("*.safetensors")):
+            state |= {f"saved {name}": value for name, value in load_file(path).items()}
+    state |= {f"keys {name}": gram for name, gram in getattr(editor, "past_keys", {}).items()}
     held = getattr(editor, "held", None)
-    return {} if held is None else {**held.second_moments, **held.precisions}
+    if held is not None:
+        state |= {f"held {name}": value for name, value in held.second_moments.items()}
+        state |= {f"precision {name}": value for name, value in held.precisions.items()}
+    return state
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -220,7 +220,8 @@ def test_a_restarted_stream_ends_where_an_uninterrupted_one_does(
     restarted = journaled(_copy(tiny), tmp_path / "restarted.db")
     run(restarted, stream[restart_after:])
     assert_weights_equal(restarted.handle, snapshot(straight.handle))
-    expected, found = _state(straight.editor), _state(restarted.editor)
+    expected = _state(straight.editor, tmp_path / "saved straight")
+    found = _state(restarted.editor, tmp_path / "saved restarted")
     assert found.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(found[name], value), name
@@ -280,7 +281,8 @@ def test_a_stream_killed_mid_batch_restarts_where_an_uninterrupted_one_ends(
     for request in stream:
         straight.apply([request])
     assert_weights_equal(restarted.handle, snapshot(straight.handle))
-    expected, found = _state(straight.editor), _state(restarted.editor)
+    expected = _state(straight.editor, tmp_path / "saved straight")
+    found = _state(restarted.editor, tmp_path / "saved restarted")
     assert found.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(found[name], value), name

@@ -342,6 +342,16 @@ class SequenceWatch:
         kept = torch.where(mask.bool(), positions, -1).amax(dim=1).clamp(min=0)
         return kept.to(device)
 
+    def prompt_positions(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """(batch, length) True at each row's prompt tokens in the pass in progress:
+        those the attention mask keeps, up to `prompt_ends`."""
+        positions = torch.arange(length, device=device)
+        within = positions <= self.prompt_ends(batch, length, device)[:, None]
+        mask = getattr(self._state, "attention_mask", None)
+        if mask is None:
+            return within
+        return within & mask.to(device).bool()
+
     def remove(self) -> None:
         self._hook.remove()
 

@@ -16,6 +16,7 @@ from lledit.methods.grace import GRACE, GRACEConfig
 from lledit.methods.locft import LocFT, LocFTConfig
 from lledit.methods.malmen import MALMEN
 from lledit.methods.memit import MEMIT, MEMITConfig
+from lledit.methods.memoir import MEMOIR, MemoirConfig
 from lledit.methods.mend import MEND
 from lledit.methods.none import NoEdit
 from lledit.methods.rledit import RLEdit
@@ -34,6 +35,7 @@ METHODS: dict[str, type] = {
         AlphaEdit,
         ElderEditor,
         GRACE,
+        MEMOIR,
     )
 }
 
@@ -131,6 +133,7 @@ __all__ = [
     "GRACE",
     "MALMEN",
     "MEMIT",
+    "MEMOIR",
     "MEND",
     "METHODS",
     "AlphaEdit",
@@ -143,6 +146,7 @@ __all__ = [
     "LocFT",
     "LocFTConfig",
     "MEMITConfig",
+    "MemoirConfig",
     "NoEdit",
     "RLEdit",
     "UnknownMethodError",
