@@ -1,6 +1,6 @@
 """Start-up from a journal of many batches against one of few, side by side.
 
-Journals of 10 and of 1009 batches are written by a stand-in editor, so that
+Journals of 10, 1000 and 1009 batches are written by a stand-in editor, so that
 writing them takes minutes rather than the hours real edits would: with
 `--method ft`, FT-shaped deltas (the MLP output projection of layer 21 of the
 default model, small random values); with `--method elder`, ELDER-shaped
@@ -8,9 +8,9 @@ records (a random change to every LoRA and router of the default ELDER,
 and each edit's allocation and query). Start-up (load the default model,
 build the editor for a memory method, replay the journal) is then timed for
 each, alternating, with snapshots every 10 batches (the default) and, for
-FT, without any. The long journal has 1009 batches, so that start-up
-replays the most batches after a snapshot that it ever does (9). ELDER's
-journal of 1009 batches takes about 15 GB.
+FT, without any. A journal of 1000 batches ends on a snapshot; one of 1009
+makes start-up replay the most batches after a snapshot it ever does (9).
+ELDER's journal of 1000 batches takes about 15 GB.
 
 Run: `python benchmarks/journal_startup.py [--method ft|elder] [--repeats 3] [--dir DIR]`.
 """
@@ -133,6 +133,7 @@ def main() -> None:
     method = arguments.method
     cases = {
         "10 batches": (10, SNAPSHOT_EVERY),
+        "1000 batches": (1000, SNAPSHOT_EVERY),
         "1009 batches": (1009, SNAPSHOT_EVERY),
     }
     if method == "ft":

@@ -668,7 +668,7 @@ class JournaledModel:
             self._check_base(deltas, batch.base_sha256, f"batch {batch.id}")
             for name in deltas:
                 weights.setdefault(name, self._base[name])
-            weights.update(added_weights(weights, deltas))
+            weights.update(added_weights(weights, deltas, check=False))
         return weights, len(since)
 
     def _check_base(self, names, expected: str | None, what: str) -> None:
