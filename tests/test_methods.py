@@ -8,6 +8,7 @@ from lledit import METHODS, EditRequest, make_editor
 from lledit.edit import NonFiniteUpdateError, apply_weight_deltas
 from lledit.eval import evaluate
 from lledit.methods import parse_settings
+from lledit.methods.ultraedit import feature_statistics, merged_statistics, normalised
 
 
 def test_registry_lists_none_and_ft():
@@ -165,3 +166,47 @@ def test_locft_stops_once_an_epoch_is_below_the_loss_threshold(tiny, requests_sm
     assert rows == [len(requests_small)]  # one epoch, no step taken
     assert all(delta.abs().max() == 0 for delta in applied.deltas.values())
     assert_weights_equal(tiny, before)
+
+
+# UltraEdit -----------------------------------------------------------------------------------
+
+
+def test_ultraedit_statistics_merged_batch_by_batch_equal_one_shot_statistics():
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(rows, 6, generator=generator) * 3 + 1 for rows in (5, 1, 12)]
+    running = None
+    for part in parts:
+        running = merged_statistics(running, feature_statistics(part))
+    everything = torch.cat(parts).double()
+    count, mean, squares = running
+    assert count.item() == len(everything)
+    torch.testing.assert_close(mean, everything.mean(dim=0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(squares / (count - 1), everything.var(dim=0), rtol=1e-12, atol=0)
+
+
+def test_ultraedit_update_maps_keys_to_their_pseudo_values(tiny, requests_small):
+    editor = make_editor("ultraedit", tiny, lr=1e-2, ridge=1e-3)
+    keys = torch.randn(4, 8, dtype=torch.float64)
+    grads = torch.randn(4, 3, dtype=torch.float64)
+    stats = feature_statistics(torch.cat([keys, grads], dim=-1))
+    shift = editor._shift(keys.float(), grads.float(), stats).double()
+    features = normalised(torch.cat([keys, grads], dim=-1), stats)
+    values = -1e-2 * (features[:, :8] ** 2).sum(-1, keepdim=True) * features[:, 8:]
+    # Fewer keys than inputs and a small ridge: each key is mapped to its value.
+    torch.testing.assert_close(keys @ shift.T, values, rtol=0, atol=1e-3)
+
+
+def test_ultraedit_edits_and_undo_takes_the_batch_out_of_the_statistics(tiny, requests_small):
+    editor = make_editor("ultraedit", tiny, lr=1e-2)
+    efficacy_before = evaluate(tiny, requests_small)[0]["efficacy"]
+    editor.apply(requests_small[:2])
+    after_first = {name: tuple(part.clone() for part in s) for name, s in editor.statistics.items()}
+    second = editor.apply(requests_small[2:])
+    assert all(
+        editor.statistics[name][0] > after_first[name][0] for name in editor.modules
+    )  # the second batch's tokens are counted
+    assert evaluate(tiny, requests_small)[0]["efficacy"] > efficacy_before
+    second.undo()
+    for name, parts in after_first.items():
+        for found, expected in zip(editor.statistics[name], parts, strict=True):
+            assert torch.equal(found, expected)

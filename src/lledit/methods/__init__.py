@@ -20,6 +20,7 @@ from lledit.methods.memoir import MEMOIR, MemoirConfig
 from lledit.methods.mend import MEND
 from lledit.methods.none import NoEdit
 from lledit.methods.rledit import RLEdit
+from lledit.methods.ultraedit import UltraEdit, UltraEditConfig
 from lledit.model import ModelHandle
 
 METHODS: dict[str, type] = {
@@ -36,6 +37,7 @@ METHODS: dict[str, type] = {
         ElderEditor,
         GRACE,
         MEMOIR,
+        UltraEdit,
     )
 }
 
@@ -149,6 +151,8 @@ __all__ = [
     "MemoirConfig",
     "NoEdit",
     "RLEdit",
+    "UltraEdit",
+    "UltraEditConfig",
     "UnknownMethodError",
     "config_fields",
     "make_editor",
