@@ -51,8 +51,8 @@ SNAPSHOT_EVERY = 10
 """Applied batches between snapshots by default. A snapshot weighs about as
 much as one batch's deltas (both cover the edited tensors), so every 10th
 batch adds a tenth to the journal's size and bounds start-up to replaying 9
-batches; every 100 left ELDER's start-up at 10 batches 2.4x that at 1000
-(docs/guides/service.md)."""
+batches: ELDER's 13 MB per batch made every 100th too few
+(docs/guides/service.md has the start-up times)."""
 
 MEMORY_METHODS = {name for name, method in METHODS.items() if not edits_weights(method)}
 """Methods whose batches live in the editor, so that replaying weights alone would lose them."""
