@@ -90,7 +90,7 @@ def test_generation_is_the_greedy_continuation(tiny):
     [
         ("grace", {"radius": 1e-3}),
         ("elder", ELDER_ALWAYS),
-        ("memoir", {"active": 32, "threshold": 0.05}),
+        ("memoir", {"threshold": 0.05}),
     ],
 )
 def test_memory_editors_generate_in_batches_like_one_at_a_time(

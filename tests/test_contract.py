@@ -50,7 +50,7 @@ FAST = {
     },
     "elder": {"steps": 5},
     "grace": {"steps": 5},
-    "memoir": {"steps": 5, "active": 32},
+    "memoir": {"steps": 5},
 }
 """Settings that keep each method quick on the tiny models."""
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from lledit import EditRequest, load_edited, load_model, make_editor
 from lledit.cli import app
+from lledit.edit import NonFiniteUpdateError
 from lledit.eval import evaluate
 from lledit.eval.scoring import score_pairs
 from lledit.journal import Journal, JournaledModel, JournalError
@@ -561,6 +562,32 @@ def test_elder_through_the_journal_restart_and_undo(tiny, requests_small, tmp_pa
     restarted.undo(first.id)
     assert torch.equal(logits(restarted_model, prompts + UNRELATED), base)
     assert restarted.editor._held()[0] == []
+
+
+@pytest.mark.parametrize("method", ["elder", "grace", "memoir"])
+def test_a_memory_batch_that_fails_is_journaled_and_changes_nothing(
+    tiny, requests_small, tmp_path, method
+):
+    editor = make_editor(method, tiny, steps=3)
+    live = JournaledModel(tiny, Journal(tmp_path / "j.db"), editor)
+    live.apply(requests_small[:1])
+    probe = [r.prompt for r in requests_small] + UNRELATED
+    expected = logits(tiny, probe)
+    tensors = {name: value.clone() for name, value in editor.tensors().items()}
+    held = len(editor._batches)
+    poison = tiny.model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: output * float("nan")
+    )
+    try:
+        with pytest.raises(NonFiniteUpdateError):
+            live.apply(requests_small[1:])
+    finally:
+        poison.remove()
+    assert [batch.status for batch in live.journal.batches()] == ["applied", "failed"]
+    assert len(editor._batches) == held
+    for name, value in editor.tensors().items():
+        assert torch.equal(value, tensors[name]), name
+    assert torch.equal(logits(tiny, probe), expected)
 
 
 def test_cli_edit_with_elder_is_journaled(tiny, requests_small, tmp_path):

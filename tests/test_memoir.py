@@ -31,7 +31,7 @@ def module_inputs(handle: ModelHandle, name: str, prompts: list[str]) -> list[to
 
 
 def test_tophash_masks_are_the_permuted_top_of_the_prompts_mean_activation(tiny):
-    editor = make_editor("memoir", tiny, active=16)
+    editor = make_editor("memoir", tiny, active=0.125)
     prompts = ["The capital of France is", "Harry Potter was written by"]
     inputs = module_inputs(tiny, editor.module_name, prompts)
     captured = []
@@ -43,15 +43,15 @@ def test_tophash_masks_are_the_permuted_top_of_the_prompts_mean_activation(tiny)
     finally:
         hook.remove()
     for row, x in enumerate(inputs):
-        top = x.mean(dim=0).abs().topk(16).indices
+        top = x.mean(dim=0).abs().topk(editor.active).indices
         expected = torch.zeros(x.shape[1], dtype=torch.bool)
         expected[editor.permutation[top]] = True
         assert torch.equal(captured[0][row], expected)
-    assert captured[0].sum(dim=1).tolist() == [16, 16]
+    assert captured[0].sum(dim=1).tolist() == [editor.active] * 2
 
 
 def test_an_edit_writes_only_its_masks_columns(tiny, requests_small):
-    editor = make_editor("memoir", tiny, active=16, steps=5, early_stop=1.0)
+    editor = make_editor("memoir", tiny, active=0.125, steps=5, early_stop=1.0)
     applied = editor.apply(requests_small)
     delta = applied.deltas["memoir.memory"]
     written = delta.abs().sum(dim=0) > 0
@@ -65,7 +65,7 @@ def test_inputs_below_the_overlap_threshold_get_the_base_models_output_bit_for_b
 ):
     base = logits(tiny, UNRELATED)
     prompts = [r.prompt for r in requests_small]
-    editor = make_editor("memoir", tiny, active=16, steps=10, threshold=1.0)
+    editor = make_editor("memoir", tiny, active=0.125, steps=10, threshold=1.0)
     edited_before = logits(tiny, prompts)
     editor.apply(requests_small)
     masks = []
@@ -83,8 +83,8 @@ def test_inputs_below_the_overlap_threshold_get_the_base_models_output_bit_for_b
 
 def test_memoir_config_errors(tiny):
     for settings, message in [
-        ({"active": 0}, "active must be at least 1"),
-        ({"active": 10**6}, "cannot exceed the width"),
+        ({"active": 0.0}, r"active must be in \(0, 1\]"),
+        ({"active": 2.0}, r"active must be in \(0, 1\]"),
         ({"threshold": 0.0}, r"threshold must be in \(0, 1\]"),
         ({"layers": "1-2"}, "MEMOIR adapts one module"),
     ]:

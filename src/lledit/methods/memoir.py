@@ -53,10 +53,10 @@ class MemoirConfig:
     part: str = "mlp_out"
     """The projection the memory sits beside (see `lledit.layers.PARTS`); it
     must name one module."""
-    active: int = 384
-    """k: memory columns one sequence reads and one edit writes. A quarter of
-    the projection's input width on SmolLM2 (1536), as the paper's 4096 of
-    14336 on Llama-3-8B."""
+    active: float = 0.25
+    """k as a fraction of the projection's input width: the memory columns one
+    sequence reads and one edit writes. A quarter, the paper's 4096 of 14336
+    on Llama-3-8B (384 of 1536 on SmolLM2)."""
     threshold: float = 0.6
     """τ: a sequence uses the memory when its mask shares at least this
     fraction of its columns with some held edit's mask."""
@@ -71,9 +71,9 @@ class MemoirConfig:
     """Seed of the permutation TopHash applies to the chosen columns."""
 
     def __post_init__(self) -> None:
-        checks.at_least(self, 1, "active", "steps")
+        checks.at_least(self, 1, "steps")
         checks.positive(self, "lr")
-        checks.fraction(self, "threshold", "early_stop")
+        checks.fraction(self, "active", "threshold", "early_stop")
 
 
 @dataclass(eq=False)
@@ -143,16 +143,13 @@ class MEMOIR(MemoryEditor):
         handle = self.handle
         module_name = self._resolve(config)
         d_out, d_in = handle.weight_of(module_name).shape
-        if config.active > d_in:
-            raise ValueError(
-                f"active ({config.active}) cannot exceed the width of '{module_name}'s input "
-                f"({d_in})"
-            )
         generator = torch.Generator().manual_seed(config.seed)
         self.remove()
         self.config = config
         self.module_name = module_name
         self._layer = handle.layer_of(module_name)
+        self.active = max(1, round(config.active * d_in))
+        """k: the memory columns one mask holds."""
         self.memory = nn.Parameter(torch.zeros(d_out, d_in, device=handle.device))
         self.permutation = torch.randperm(d_in, generator=generator).to(handle.device)
         self._batches: list[_Masks] = []
@@ -160,7 +157,7 @@ class MEMOIR(MemoryEditor):
         self._attach([handle.module(module_name).register_forward_hook(self._on_module)])
 
     def config_dict(self) -> dict[str, Any]:
-        return {**asdict(self.config), "modules": [self.module_name]}
+        return {**asdict(self.config), "modules": [self.module_name], "active_columns": self.active}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The memory, by the name a journal stores its deltas under."""
@@ -182,7 +179,7 @@ class MEMOIR(MemoryEditor):
         prompt = self._watch.prompt_positions(x.shape[0], x.shape[1], x.device)
         weights = prompt.float() / prompt.sum(dim=1, keepdim=True).clamp(min=1)
         fingerprint = torch.einsum("bt,btd->bd", weights, x.float())
-        top = fingerprint.abs().topk(self.config.active, dim=-1).indices
+        top = fingerprint.abs().topk(self.active, dim=-1).indices
         masks = torch.zeros(fingerprint.shape, dtype=torch.bool, device=x.device)
         return masks.scatter_(-1, self.permutation[top], True)
 
@@ -191,7 +188,7 @@ class MEMOIR(MemoryEditor):
         stored = self._stored_masks()
         if stored is None:
             return torch.zeros(masks.shape[0], dtype=torch.bool, device=masks.device)
-        overlap = (masks.float() @ stored.T).amax(dim=1) / self.config.active
+        overlap = (masks.float() @ stored.T).amax(dim=1) / self.active
         return overlap >= self.config.threshold
 
     def _memory_output(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
