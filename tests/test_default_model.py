@@ -3,10 +3,13 @@
 import pytest
 import torch
 from conftest import assert_weights_equal, snapshot
+from fastapi.testclient import TestClient
 
 from lledit import EditRequest, evaluate, load_dataset, load_model, make_editor
 from lledit.eval.scoring import score_pairs
+from lledit.journal import Journal, JournaledModel
 from lledit.model import default_model_cache
+from lledit.server import create_app
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +131,28 @@ def test_appending_eos_teaches_grace_to_stop(default_handle):
     # Without EOS GRACE's answers run on past the new target (0.0 of 10 stop
     # there, measured); with it they stop (1.0).
     assert strict[True] >= strict[False] + 0.5
+
+
+def test_elder_is_served_and_undone_exactly_on_the_default_model(default_handle, tmp_path):
+    editor = make_editor("elder", default_handle)
+    edit = {"prompt": "The capital of France is", "target_new": "Lyon"}
+    unrelated = "The chemical symbol for gold is"
+    try:
+        with Journal(tmp_path / "j.db") as journal:
+            served = JournaledModel(default_handle, journal, editor)
+            app = create_app(served, max_batch_size=10, max_body_bytes=100_000)
+            with TestClient(app) as client:
+
+                def answer(prompt: str) -> str:
+                    body = {"prompt": prompt, "max_new_tokens": 8}
+                    return client.post("/v1/generate", json=body).json()["text"]
+
+                before = answer(unrelated), answer(edit["prompt"])
+                applied = client.post("/v1/edits", json={"edits": [edit]}).json()
+                assert applied["status"] == "applied"
+                assert answer(edit["prompt"]).strip().startswith("Lyon")
+                assert answer(unrelated) == before[0]  # byte for byte the unedited model's
+                assert client.delete(f"/v1/batches/{applied['batch_id']}").status_code == 200
+                assert (answer(unrelated), answer(edit["prompt"])) == before
+    finally:
+        editor.remove()
