@@ -577,9 +577,9 @@ def export(
     """Write the edited model to a folder.
 
     Weight editors give a Hugging Face folder (safetensors) that needs no
-    lledit. ELDER's and GRACE's edits are adapters routed per sequence, which
-    plain transformers cannot run: they give an lledit folder that
-    `lledit.load_edited(OUT)` opens.
+    lledit. The memory editors' edits (ELDER, GRACE, MEMOIR) are routed per
+    sequence, which plain transformers cannot do: they give an lledit folder
+    that `lledit.load_edited(OUT)` opens.
     """
     try:
         with _existing_journal(journal) as opened:

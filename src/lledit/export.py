@@ -1,7 +1,7 @@
 """A journal's edited model written to a folder, and such a folder loaded back.
 
 Weight editors export a plain Hugging Face folder that needs no lledit.
-Memory editors (ELDER, GRACE) keep their edits in adapters or a codebook
+Memory editors (ELDER, GRACE, MEMOIR) keep their edits in adapters, a codebook or a memory
 that are routed per sequence, which plain transformers cannot run: they
 export an lledit folder instead, holding a manifest that names the base
 model and method and the editor's own safetensors and JSON (no pickles),

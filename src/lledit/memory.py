@@ -1,4 +1,4 @@
-"""What the memory editors (ELDER, GRACE) share.
+"""What the memory editors (ELDER, GRACE, MEMOIR) share.
 
 They leave the model's weights alone: their edits live in the editor, attached
 to the model as forward hooks, and decide once per sequence (with
