@@ -91,6 +91,15 @@ def assert_weights_equal(handle: ModelHandle, expected: dict[str, torch.Tensor])
         assert torch.equal(current[name], value), name
 
 
+def sequences_per_pass(handle: ModelHandle):
+    """Sequences in each forward pass from now on, and the hook that counts them."""
+    rows: list[int] = []
+    hook = handle.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    return rows, hook
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

@@ -189,6 +189,17 @@ def _state(editor, folder) -> dict[str, torch.Tensor]:
     return state
 
 
+def _assert_same_end(restarted: JournaledModel, straight: JournaledModel, folder) -> None:
+    """Bit-identical weights, editor state and outputs."""
+    assert_weights_equal(restarted.handle, snapshot(straight.handle))
+    expected = _state(straight.editor, folder / "saved straight")
+    found = _state(restarted.editor, folder / "saved restarted")
+    assert found.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(found[name], value), name
+    assert torch.equal(_outputs(restarted.handle), _outputs(straight.handle))
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_restarted_stream_ends_where_an_uninterrupted_one_does(
     method, tiny, checkpoints, tmp_path
@@ -219,13 +230,7 @@ def test_a_restarted_stream_ends_where_an_uninterrupted_one_does(
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
     restarted = journaled(_copy(tiny), tmp_path / "restarted.db")
     run(restarted, stream[restart_after:])
-    assert_weights_equal(restarted.handle, snapshot(straight.handle))
-    expected = _state(straight.editor, tmp_path / "saved straight")
-    found = _state(restarted.editor, tmp_path / "saved restarted")
-    assert found.keys() == expected.keys()
-    for name, value in expected.items():
-        assert torch.equal(found[name], value), name
-    assert torch.equal(_outputs(restarted.handle), _outputs(straight.handle))
+    _assert_same_end(restarted, straight, tmp_path)
 
 
 def _batches_recorded(path) -> int:
@@ -280,10 +285,4 @@ def test_a_stream_killed_mid_batch_restarts_where_an_uninterrupted_one_ends(
     straight = journaled(tmp_path / "straight.db")
     for request in stream:
         straight.apply([request])
-    assert_weights_equal(restarted.handle, snapshot(straight.handle))
-    expected = _state(straight.editor, tmp_path / "saved straight")
-    found = _state(restarted.editor, tmp_path / "saved restarted")
-    assert found.keys() == expected.keys()
-    for name, value in expected.items():
-        assert torch.equal(found[name], value), name
-    assert torch.equal(_outputs(restarted.handle), _outputs(straight.handle))
+    _assert_same_end(restarted, straight, tmp_path)

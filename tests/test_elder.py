@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import assert_weights_equal, make_tiny_model, snapshot
+from conftest import assert_weights_equal, make_tiny_model, sequences_per_pass, snapshot
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
@@ -649,19 +649,10 @@ def test_bench_runs_elder_and_grace(tiny, tmp_path):
     assert (out / "elder" / "results.json").is_file() and (out / "grace" / "results.json").is_file()
 
 
-def training_rows(handle: ModelHandle) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
-    """Sequences in each forward pass from now on, and the hook that counts them."""
-    rows: list[int] = []
-    hook = handle.model.base_model.register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
-    return rows, hook
-
-
 def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, requests_small):
     editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=3)
     first = editor.apply(requests_small[:2])
-    rows, hook = training_rows(tiny)
+    rows, hook = sequences_per_pass(tiny)
     try:
         editor.apply(requests_small[2:])
     finally:
@@ -676,7 +667,7 @@ def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, reques
 
     plain = make_editor("elder", same_model(tiny), replay=0, early_stop=1.0, steps=3)
     plain.apply(requests_small[:2])
-    rows, hook = training_rows(plain.handle)
+    rows, hook = sequences_per_pass(plain.handle)
     try:
         plain.apply(requests_small[2:])
     finally:
@@ -726,7 +717,7 @@ def test_elder_early_stop_judges_new_and_rehearsed_edits_apart():
 
 def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests_small):
     every_step = make_editor("elder", tiny, early_stop=1.0, steps=5)
-    rows, hook = training_rows(tiny)
+    rows, hook = sequences_per_pass(tiny)
     try:
         every_step.apply(requests_small[:2])
     finally:
@@ -736,7 +727,7 @@ def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests
 
     at_once = make_editor("elder", tiny, early_stop=1e-9, steps=5)
     before = [p.detach().clone() for p in at_once._parameters()]
-    rows, hook = training_rows(tiny)
+    rows, hook = sequences_per_pass(tiny)
     try:
         at_once.apply(requests_small[:2])
     finally:

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_weights_equal, snapshot
+from conftest import assert_weights_equal, sequences_per_pass, snapshot
 
 from lledit import METHODS, EditRequest, make_editor
 from lledit.edit import NonFiniteUpdateError, apply_weight_deltas
@@ -105,15 +105,6 @@ def test_ft_config_checks_and_settings_parsing(tiny):
 
 
 # LocFT-BF ------------------------------------------------------------------------------------
-
-
-def sequences_per_pass(handle):
-    """Sequences in each forward pass from now on, and the hook that counts them."""
-    rows: list[int] = []
-    hook = handle.model.base_model.register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
-    return rows, hook
 
 
 def test_locft_appends_eos_once_and_learns_the_edits(tiny, requests_small):

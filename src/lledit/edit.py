@@ -185,6 +185,19 @@ def apply_weight_deltas(
     return WeightDelta(handle, before, deltas, release, held)
 
 
+def trainable_deltas(handle: ModelHandle, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A zero float32 (d_out, d_in) delta per module, to train under `added_deltas`."""
+    return {
+        name: torch.zeros(
+            handle.weight_of(name).shape,
+            device=handle.device,
+            dtype=torch.float32,
+            requires_grad=True,
+        )
+        for name in names
+    }
+
+
 @contextmanager
 def added_deltas(handle: ModelHandle, deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Run the model as if each (d_out, d_in) delta were added to its module's weight.

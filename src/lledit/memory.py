@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.hooks import RemovableHandle
 
+from lledit.edit import added_weights
 from lledit.model import ModelHandle, SequenceWatch
 
 logger = logging.getLogger(__name__)
@@ -47,20 +48,38 @@ class MemoryEdit:
         batch: HeldBatch,
         held: dict[str, torch.Tensor] | None = None,
         deltas: dict[str, torch.Tensor] | None = None,
+        before: dict[str, torch.Tensor] | None = None,
+        after: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self._editor = editor
         self._batch = batch
         self.held = held or {}
         self.deltas = deltas or {}
+        self._before = before or {}
+        self._after = after or {}
+        """The editor's tensors around the batch (by `tensors()` name), kept only
+        as long as this record: a journal drops it and undoes the deltas itself."""
         self.on_undo = functools.partial(editor._undo, batch)
         """Forget the batch, leaving the editor's tensors to whoever undid their
-        deltas; it does not keep this record (and what `_take_back` needs) alive."""
+        deltas; it does not keep this record (and `before`, `after`) alive."""
 
     def undo(self) -> None:
         self._editor._undo(self._batch, self._take_back)
 
+    @torch.no_grad()
     def _take_back(self) -> None:
-        """Undo what the batch changed in the editor's tensors (nothing by default)."""
+        """Put the editor's tensors back to before the batch.
+
+        Undoing the latest batch restores them bit for bit. If later batches
+        changed them since, the change this batch made is subtracted instead.
+        """
+        current = self._editor.tensors()
+        if all(torch.equal(current[name], after) for name, after in self._after.items()):
+            for name, before in self._before.items():
+                current[name].copy_(before)
+        else:
+            for name, before in self._before.items():
+                current[name].sub_(self._after[name] - before)
 
 
 class MemoryEditor:
@@ -107,6 +126,32 @@ class MemoryEditor:
         """The editor's own tensors that batches change by `MemoryEdit.deltas`, by name
         (none by default: the batch's held part is the whole change)."""
         return {}
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of `tensors()`, to train from and to go back to."""
+        return {name: tensor.detach().clone() for name, tensor in self.tensors().items()}
+
+    @torch.no_grad()
+    def _set_tensors(self, values: dict[str, torch.Tensor]) -> None:
+        current = self.tensors()
+        for name, value in values.items():
+            current[name].copy_(value)
+
+    @torch.no_grad()
+    def _settle(
+        self, before: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The change training made to `tensors()` since `before`, and the tensors
+        after it, set to `before + change`: the one expression a journal replays,
+        so that a replay gives them bit for bit. A non-finite change is refused
+        (`NonFiniteUpdateError`) with the tensors left as they are."""
+        deltas = {
+            name: (tensor.detach() - before[name]).float()
+            for name, tensor in self.tensors().items()
+        }
+        after = added_weights(before, deltas)
+        self._set_tensors(after)
+        return deltas, after
 
     def _forget(self, batch: Any) -> None:
         """Drop what is cached from the held batches, now that `batch` is gone."""

@@ -45,7 +45,6 @@ from transformers.pytorch_utils import Conv1D
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import added_weights
 from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
 from lledit.model import ModelHandle, edit_batch, hidden_of
 
@@ -221,35 +220,6 @@ class ElderEdit(MemoryEdit):
 
     _editor: ElderEditor
     _batch: _Batch
-
-    def __init__(
-        self,
-        editor: ElderEditor,
-        batch: _Batch,
-        held: dict[str, torch.Tensor],
-        deltas: dict[str, torch.Tensor],
-        before: list[torch.Tensor],
-        after: list[torch.Tensor],
-    ) -> None:
-        super().__init__(editor, batch, held, deltas)
-        self._before = before
-        self._after = after
-        """Adapters and routers around the batch, kept only as long as this record
-        (a journal drops it and undoes the deltas itself)."""
-
-    @torch.no_grad()
-    def _take_back(self) -> None:
-        """Put adapters and routers back to before the batch.
-
-        Undoing the latest batch restores them bit for bit. If later batches
-        trained on top, the change this batch made is subtracted instead.
-        """
-        current = self._editor._parameters()
-        if all(torch.equal(p, a) for p, a in zip(current, self._after, strict=True)):
-            self._editor._restore(self._before)
-        else:
-            for parameter, before, after in zip(current, self._before, self._after, strict=True):
-                parameter.sub_(after - before)
 
     @property
     def allocation(self) -> torch.Tensor:
@@ -473,11 +443,6 @@ class ElderEditor(MemoryEditor):
             draws.append(torch.rand(shape, generator=generator).argsort(dim=-1))
         return torch.stack(draws)[..., : self.config.top_k].to(self.handle.device)
 
-    @torch.no_grad()
-    def _restore(self, values: list[torch.Tensor]) -> None:
-        for parameter, value in zip(self._parameters(), values, strict=True):
-            parameter.copy_(value)
-
     def _rehearsal(
         self, requests: list[EditRequest], allocations: torch.Tensor
     ) -> tuple[list[EditRequest], torch.Tensor, int]:
@@ -509,7 +474,7 @@ class ElderEditor(MemoryEditor):
             self.handle, [r.prompt for r in trained], [r.target_new for r in trained]
         )
         new_tokens = tokens.target_rows < len(batch)
-        before = [parameter.detach().clone() for parameter in self._parameters()]
+        before = self._snapshot()
         optimizer = torch.optim.Adam(self._parameters(), lr=self.config.lr)
         self._local.training = True
         try:
@@ -539,22 +504,13 @@ class ElderEditor(MemoryEditor):
             logger.debug(
                 "elder batch of %d: %d steps, p(target) %.3f", len(batch), step, probability
             )
-            names = list(self.tensors())
-            trained_deltas = {
-                name: (parameter.detach() - old).float()
-                for name, parameter, old in zip(names, self._parameters(), before, strict=True)
-            }
-            # before + delta, the one expression a journal replays: bit for bit the same.
-            after = list(
-                added_weights(dict(zip(names, before, strict=True)), trained_deltas).values()
-            )
+            deltas, after = self._settle(before)
         except BaseException:
-            self._restore(before)
+            self._set_tensors(before)
             raise
         finally:
             self._local.training = False
             self._local.routing = None
-        self._restore(after)
         record = _Batch(batch, trained_through, queries, rehearsal_end)
         self._batches.append(record)
         self._codes = None
@@ -563,7 +519,7 @@ class ElderEditor(MemoryEditor):
             "queries": queries,
             "rehearsal_end": torch.tensor(rehearsal_end),
         }
-        return ElderEdit(self, record, held, trained_deltas, before, after)
+        return ElderEdit(self, record, held, deltas, before, after)
 
     def hold(
         self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import WeightDelta, added_deltas, apply_weight_deltas
+from lledit.edit import WeightDelta, added_deltas, apply_weight_deltas, trainable_deltas
 from lledit.model import ModelHandle, edit_batch
 
 
@@ -65,15 +65,7 @@ class FineTune:
         if not batch:
             raise ValueError("an edit batch must hold at least one request")
         tokens = edit_batch(self.handle, [r.prompt for r in batch], [r.target_new for r in batch])
-        deltas = {
-            name: torch.zeros(
-                self.handle.weight_of(name).shape,
-                device=self.handle.device,
-                dtype=torch.float32,
-                requires_grad=True,
-            )
-            for name in self.modules
-        }
+        deltas = trainable_deltas(self.handle, self.modules)
         optimizer = torch.optim.Adam(deltas.values(), lr=self.config.lr)
         with added_deltas(self.handle, deltas):
             for _ in range(self.config.steps):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import WeightDelta, added_deltas, apply_weight_deltas
+from lledit.edit import WeightDelta, added_deltas, apply_weight_deltas, trainable_deltas
 from lledit.model import ModelHandle, edit_batch
 from lledit.tokens import with_eos
 
@@ -118,15 +118,7 @@ class LocFT:
             chosen = torch.randperm(len(earlier), generator=generator)[: self.config.replay]
             earlier = [earlier[index] for index in sorted(chosen.tolist())]
         edits = self._trained(batch + earlier)
-        deltas = {
-            name: torch.zeros(
-                self.handle.weight_of(name).shape,
-                device=self.handle.device,
-                dtype=torch.float32,
-                requires_grad=True,
-            )
-            for name in self.modules
-        }
+        deltas = trainable_deltas(self.handle, self.modules)
         optimizer = torch.optim.Adam(deltas.values(), lr=self.config.lr)
         with added_deltas(self.handle, deltas):
             if len(edits) <= self.config.minibatch:

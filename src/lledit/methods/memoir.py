@@ -36,7 +36,6 @@ from torch import nn
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import added_weights
 from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
 from lledit.model import ModelHandle, edit_batch
 
@@ -82,35 +81,6 @@ class _Masks(HeldBatch):
 
     masks: torch.Tensor
     """(edits, d_in) bool: the memory columns each edit was written through."""
-
-
-class MemoirEdit(MemoryEdit):
-    """One MEMOIR batch: undo drops its masks and its change to the memory."""
-
-    _editor: MEMOIR
-
-    def __init__(
-        self,
-        editor: MEMOIR,
-        batch: _Masks,
-        held: dict[str, torch.Tensor],
-        deltas: dict[str, torch.Tensor],
-        before: torch.Tensor,
-        after: torch.Tensor,
-    ) -> None:
-        super().__init__(editor, batch, held, deltas)
-        self._before = before
-        self._after = after
-
-    @torch.no_grad()
-    def _take_back(self) -> None:
-        """The memory as before the batch: bit for bit if nothing was written since,
-        else the batch's change subtracted."""
-        memory = self._editor.memory
-        if torch.equal(memory, self._after):
-            memory.copy_(self._before)
-        else:
-            memory.sub_(self._after - self._before)
 
 
 class MEMOIR(MemoryEditor):
@@ -225,12 +195,12 @@ class MEMOIR(MemoryEditor):
 
     # Editing -----------------------------------------------------------------------------------
 
-    def apply(self, batch: Sequence[EditRequest]) -> MemoirEdit:
+    def apply(self, batch: Sequence[EditRequest]) -> MemoryEdit:
         """Train the memory through each edit's own mask; only the masked columns change."""
         if not batch:
             raise ValueError("an edit batch must hold at least one request")
         tokens = edit_batch(self.handle, [r.prompt for r in batch], [r.target_new for r in batch])
-        before = self.memory.detach().clone()
+        before = self._snapshot()
         optimizer = torch.optim.Adam([self.memory], lr=self.config.lr)
         captured: list[torch.Tensor] = []
         capture = self.handle.module(self.module_name).register_forward_pre_hook(
@@ -258,22 +228,15 @@ class MEMOIR(MemoryEditor):
             logger.debug(
                 "memoir batch of %d: %d steps, p(target) %.3f", len(batch), step, probability
             )
-            delta = (self.memory.detach() - before).float()
-            # before + delta, the one expression a journal replays: bit for bit the same.
-            after = added_weights({"memoir.memory": before}, {"memoir.memory": delta})
+            deltas, after = self._settle(before)
         except BaseException:
-            with torch.no_grad():
-                self.memory.copy_(before)
+            self._set_tensors(before)
             raise
         finally:
             capture.remove()
             self._local.training = None
-        after = after["memoir.memory"]
-        with torch.no_grad():
-            self.memory.copy_(after)
         held = {"masks": masks}
-        record = self._hold(held)
-        return MemoirEdit(self, record, held, {"memoir.memory": delta}, before, after)
+        return MemoryEdit(self, self._hold(held), held, deltas, before, after)
 
     def hold(
         self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
