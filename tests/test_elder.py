@@ -98,7 +98,7 @@ def test_prompt_ends_with_left_and_right_padding(tiny):
 # ELDER ----------------------------------------------------------------------------------------
 
 
-def test_mixture_computes_only_the_selected_loras():
+def test_mixture_adds_only_the_selected_loras_and_trains_the_same_on_two_threads():
     generator = torch.Generator().manual_seed(0)
     mixture = MixtureOfLoRA(6, 5, n_loras=4, rank=3, generator=generator)
     assert not mixture.lora_b.any()
@@ -121,6 +121,26 @@ def test_mixture_computes_only_the_selected_loras():
     for grad in (mixture.lora_a.grad, mixture.lora_b.grad):
         assert torch.equal(grad[1], torch.zeros_like(grad[1]))
         assert all(grad[j].abs().sum() > 0 for j in (0, 2, 3))
+
+    # Sized like a batch of ELDER's on SmolLM2, where gathering the chosen LoRAs
+    # gave other gradients from run to run on two threads.
+    wide = MixtureOfLoRA(1536, 64, n_loras=8, rank=32, generator=generator)
+    with torch.no_grad():
+        wide.lora_b.normal_(generator=generator)
+    x = torch.randn(70, 20, 1536, generator=generator)
+    indices = torch.randint(0, 8, (70, 2), generator=generator)
+    weights = torch.rand(70, 2, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(3):
+            wide.zero_grad()
+            wide(x, indices, weights).square().sum().backward()
+            grads.append(wide.lora_a.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grad, grads[0]) for grad in grads)
 
 
 def test_mixture_wraps_linear_and_conv1d():

@@ -133,13 +133,16 @@ def default_query_layer(num_layers: int, first_adapted: int) -> int:
 
 
 class MixtureOfLoRA(nn.Module):
-    """N LoRAs for one linear layer, of which only the k chosen per sequence run.
+    """N LoRAs for one linear layer, of which the k chosen per sequence count.
 
     `forward` returns Σ_{j∈top-k} s_j B_j A_j x for each sequence's own
     indices and scores; the layer's own output is added by the hook that
-    attaches it. A and B are stacked over the N LoRAs and the selected ones
-    are gathered per sequence, so unselected LoRAs cost nothing and receive
-    zero gradient. B starts at zero: a fresh mixture changes nothing.
+    attaches it. Every LoRA runs, weighted by its score where chosen and by
+    0 elsewhere, so unselected LoRAs receive exactly zero gradient. Gathering
+    the chosen ones instead would cost less, but the backward pass of a
+    gather with repeated indices adds its terms in no fixed order on several
+    CPU threads, and training would no longer repeat bit for bit (a journal's
+    restart depends on it). B starts at zero: a fresh mixture changes nothing.
     """
 
     def __init__(
@@ -169,10 +172,10 @@ class MixtureOfLoRA(nn.Module):
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """x (batch, tokens, d_in), indices and weights (batch, k) → (batch, tokens, d_out)."""
-        lora_a = self.lora_a[indices]  # (batch, k, rank, d_in)
-        lora_b = self.lora_b[indices]  # (batch, k, d_out, rank)
-        hidden = torch.einsum("btd,bkrd->btkr", x, lora_a) * weights[:, None, :, None]
-        return torch.einsum("btkr,bkor->bto", hidden, lora_b)
+        dense = torch.zeros(*weights.shape[:-1], self.lora_a.shape[0], device=weights.device)
+        dense = dense.scatter(-1, indices, weights)  # (batch, N): 0 for unselected LoRAs
+        hidden = torch.einsum("btd,nrd->btnr", x, self.lora_a) * dense[:, None, :, None]
+        return torch.einsum("btnr,nor->bto", hidden, self.lora_b)
 
 
 @dataclass
