@@ -144,7 +144,8 @@ class MemoryEditor:
         """The change training made to `tensors()` since `before`, and the tensors
         after it, set to `before + change`: the one expression a journal replays,
         so that a replay gives them bit for bit. A non-finite change is refused
-        (`NonFiniteUpdateError`) with the tensors left as they are."""
+        (`NonFiniteUpdateError`) before anything is set; the caller puts `before`
+        back."""
         deltas = {
             name: (tensor.detach() - before[name]).float()
             for name, tensor in self.tensors().items()
