@@ -3,6 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from lledit import METHODS
 from lledit.cli import app
 
 runner = CliRunner()
@@ -49,6 +50,23 @@ def test_bench_compares_methods(tiny_dir, tmp_path):
     table = (out / "results.md").read_text()
     assert "| none |" in table and "| ft |" in table
     assert not (out / "curve.png").exists()
+
+
+def test_bench_runs_every_method_that_needs_no_training(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    untrained = [
+        name for name, method in METHODS.items() if not hasattr(method, "train_config_class")
+    ]
+    fast = ["ft.steps=1", "locft.epochs=1", "elder.steps=1", "grace.steps=1", "memoir.steps=1"]
+    fast += [f"{method}.{setting}" for method in ("memit", "alphaedit")
+             for setting in ("stats_samples=600", "prefix_count=1", "value_steps=1")]  # fmt: skip
+    out = tmp_path / "run"
+    arguments = [part for method in untrained for part in ("--method", method)]
+    arguments += [part for setting in fast for part in ("--set", setting)]
+    result = bench(*arguments, "--model", str(tiny_dir), "--edits", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for method in untrained:
+        assert (out / method / "results.json").is_file(), method
 
 
 @pytest.mark.parametrize(
