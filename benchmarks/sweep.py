@@ -27,7 +27,7 @@ SETTINGS = {
         "lr=1e-3",
         "append_eos=false",
     ],
-    "ultraedit": ["lr=1e-5", "lr=1e-4", "lr=1e-3", "lr=1e-2", "part=mlp_in", "layers=12-17"],
+    "ultraedit": ["lr=1e-5", "lr=1e-4", "", "lr=3e-3", "lr=1e-2", "part=mlp_in", "layers=12-17"],
     "memoir": ["threshold=0.4", "threshold=0.5", "", "threshold=0.7", "active=0.125", "layers=21"],
 }
 METRICS = (
