@@ -3,8 +3,9 @@
 The weight gradient of a linear module is a sum over tokens of `g kᵀ` (value
 gradient times key), so the (k, g) pairs of the positions that predict the
 answer are a rank-one-per-token factorisation of it. They are what the
-hypernetwork reads. One forward and one backward through the model per batch;
-no weight of the model receives a gradient.
+hypernetwork reads, and what UltraEdit's closed form is computed from. One
+forward and one backward through the model per batch; no weight of the model
+receives a gradient.
 """
 
 from __future__ import annotations
