@@ -52,9 +52,11 @@ class LocFTConfig:
     stop_loss: float = 1e-2
     """Training stops after an epoch whose mean loss is below this; a
     mini-batch already below it takes no step (the paper's rule)."""
-    replay: int = 90
+    replay: int = 30
     """Earlier edits trained again with each batch, drawn from those still
-    held; -1: every one of them, as the paper trains on all edits together."""
+    held; -1: every one of them, as the paper trains on all edits together.
+    Over 50 zsRE edits on SmolLM2, 30 raised the strict answer rate from 0.14
+    (none) to 0.66 at twice the edit time (docs/methods/locft.md)."""
     append_eos: bool = True
     """Train each target followed by the tokenizer's EOS, as the paper does."""
     seed: int = 0
