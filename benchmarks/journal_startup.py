@@ -40,7 +40,7 @@ class RandomDeltas:
 
     def __init__(self, handle: ModelHandle) -> None:
         self.handle = handle
-        self.module = handle.edited_modules(None, "mlp_out", "upper", first_only=True)[0]
+        self.module = handle.edited_modules(None, "mlp_out", "upper", only="first")[0]
         self.generator = torch.Generator().manual_seed(0)
 
     def prepare(self) -> None:

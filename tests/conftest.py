@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -91,13 +93,17 @@ def assert_weights_equal(handle: ModelHandle, expected: dict[str, torch.Tensor])
         assert torch.equal(current[name], value), name
 
 
-def sequences_per_pass(handle: ModelHandle):
-    """Sequences in each forward pass from now on, and the hook that counts them."""
+@contextmanager
+def sequences_per_pass(handle: ModelHandle) -> Iterator[list[int]]:
+    """The number of sequences in each forward pass within the block."""
     rows: list[int] = []
     hook = handle.model.base_model.register_forward_pre_hook(
         lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
-    return rows, hook
+    try:
+        yield rows
+    finally:
+        hook.remove()
 
 
 @pytest.fixture(scope="session")

@@ -672,11 +672,8 @@ def test_bench_runs_elder_and_grace(tiny, tmp_path):
 def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, requests_small):
     editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=3)
     first = editor.apply(requests_small[:2])
-    rows, hook = sequences_per_pass(tiny)
-    try:
+    with sequences_per_pass(tiny) as rows:
         editor.apply(requests_small[2:])
-    finally:
-        hook.remove()
     assert rows == [1 + 2] * 4  # the new edit and two earlier ones, 3 steps and a last pass
     requests, allocations, _ = editor._rehearsal(*editor._held()[:2])
     assert len(requests) == 2 and len({r.prompt for r in requests}) == 2
@@ -687,11 +684,8 @@ def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, reques
 
     plain = make_editor("elder", same_model(tiny), replay=0, early_stop=1.0, steps=3)
     plain.apply(requests_small[:2])
-    rows, hook = sequences_per_pass(plain.handle)
-    try:
+    with sequences_per_pass(plain.handle) as rows:
         plain.apply(requests_small[2:])
-    finally:
-        hook.remove()
     assert rows == [1] * 4
 
 
@@ -737,21 +731,15 @@ def test_elder_early_stop_judges_new_and_rehearsed_edits_apart():
 
 def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests_small):
     every_step = make_editor("elder", tiny, early_stop=1.0, steps=5)
-    rows, hook = sequences_per_pass(tiny)
-    try:
+    with sequences_per_pass(tiny) as rows:
         every_step.apply(requests_small[:2])
-    finally:
-        hook.remove()
     assert len(rows) == 5 + 1
     every_step.remove()
 
     at_once = make_editor("elder", tiny, early_stop=1e-9, steps=5)
     before = [p.detach().clone() for p in at_once._parameters()]
-    rows, hook = sequences_per_pass(tiny)
-    try:
+    with sequences_per_pass(tiny) as rows:
         at_once.apply(requests_small[:2])
-    finally:
-        hook.remove()
     assert len(rows) == 1
     assert all(torch.equal(p, b) for p, b in zip(at_once._parameters(), before, strict=True))
 

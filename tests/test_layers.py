@@ -43,7 +43,7 @@ def test_the_handle_resolves_layers_and_parts(tiny):
     assert tiny.edited_modules(None, "mlp_out", "upper") == [
         tiny.layer_module(layer, arch.mlp_out) for layer in (2, 3)
     ]
-    assert tiny.edited_modules(None, "mlp", "upper", first_only=True) == [
+    assert tiny.edited_modules(None, "mlp", "upper", only="first") == [
         tiny.layer_module(2, path) for path in (*arch.mlp_in, arch.mlp_out)
     ]
     assert tiny.edited_modules("-1", arch.mlp_out, "lower") == [tiny.layer_module(3, arch.mlp_out)]

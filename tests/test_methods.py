@@ -123,37 +123,25 @@ def test_locft_appends_eos_once_and_learns_the_edits(tiny, requests_small):
 def test_locft_trains_breadth_first_with_the_held_edits(tiny, requests_small):
     editor = make_editor("locft", tiny, replay=-1, minibatch=2, epochs=2, stop_loss=1e-9)
     first = editor.apply(requests_small[:2])
-    rows, hook = sequences_per_pass(tiny)
-    try:
+    with sequences_per_pass(tiny) as rows:
         editor.apply(requests_small[2:])
-    finally:
-        hook.remove()
     assert rows == [2, 1] * 2  # new and held edits, in mini-batches of 2, each epoch
     first.undo()
-    rows, hook = sequences_per_pass(tiny)
-    try:
+    with sequences_per_pass(tiny) as rows:
         editor.apply(requests_small[:1])
-    finally:
-        hook.remove()
     assert rows == [2] * 2  # the undone batch is no longer rehearsed
     one = make_editor("locft", tiny, replay=1, minibatch=100, epochs=2, stop_loss=1e-9)
     one.apply(requests_small[:2])
-    rows, hook = sequences_per_pass(tiny)
-    try:
+    with sequences_per_pass(tiny) as rows:
         one.apply(requests_small[2:])
-    finally:
-        hook.remove()
     assert rows == [2] * 2  # the new edit and one of the two held
 
 
 def test_locft_stops_once_an_epoch_is_below_the_loss_threshold(tiny, requests_small):
     before = snapshot(tiny)
     editor = make_editor("locft", tiny, stop_loss=1e9)
-    rows, hook = sequences_per_pass(tiny)
-    try:
+    with sequences_per_pass(tiny) as rows:
         applied = editor.apply(requests_small)
-    finally:
-        hook.remove()
     assert rows == [len(requests_small)]  # one epoch, no step taken
     assert all(delta.abs().max() == 0 for delta in applied.deltas.values())
     assert_weights_equal(tiny, before)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 from lledit.data.request import EditRequest
 from lledit.model import ModelHandle
+
+T = TypeVar("T")
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -183,6 +187,47 @@ def apply_weight_deltas(
     deltas = {name: delta.detach().float().clone() for name, delta in deltas.items()}
     release = None if hold is None or held is None else hold(held)
     return WeightDelta(handle, before, deltas, release, held)
+
+
+def replayable_generator(seed: int, *texts: str) -> torch.Generator:
+    """A generator seeded by `seed` and `texts` alone (the prompts it draws for), so
+    that a stream replayed from a journal draws what the uninterrupted one drew,
+    whatever was edited or undone before."""
+    digest = hashlib.sha256("\n".join([str(seed), *texts]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class HeldBatches(Generic[T]):
+    """What an editor holds of each applied batch for later ones, in order, and the
+    state it derives from them (held keys' sums, normalisation statistics).
+
+    The state is always `add` folded over the batches still held, from `reset`:
+    releasing a batch forms it again rather than taking the batch out, so it is
+    bit for bit what an editor that never held the batch has (one restarted
+    from a journal, say).
+    """
+
+    def __init__(
+        self,
+        reset: Callable[[], None] | None = None,
+        add: Callable[[T], None] | None = None,
+    ) -> None:
+        self.items: list[T] = []
+        self._reset = reset or (lambda: None)
+        self._add = add or (lambda item: None)
+        self._reset()
+
+    def hold(self, item: T) -> Callable[[], None]:
+        """Hold `item` after the others; returns what releases it."""
+        self.items.append(item)
+        self._add(item)
+        return functools.partial(self.release, item)
+
+    def release(self, item: T) -> None:
+        self.items = [held for held in self.items if held is not item]
+        self._reset()
+        for held in self.items:
+            self._add(held)
 
 
 def trainable_deltas(handle: ModelHandle, names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ which `load_edited` opens in one call.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from lledit.edit import EditMethod
 from lledit.journal import APPLIED, MEMORY_METHODS, Journal, JournaledModel
-from lledit.methods import METHODS, make_editor
+from lledit.methods import METHODS, config_fields, make_editor
 from lledit.model import DEFAULT_MODEL, ModelHandle, load_model
 
 MANIFEST = "lledit.json"
@@ -57,7 +56,7 @@ def export_journal(
         handle.tokenizer.save_pretrained(out)
         return True
     (method,) = memory
-    fields = {field.name for field in dataclasses.fields(METHODS[method].config_class)}
+    fields = {name for name, _, _ in config_fields(method)}
     written = applied[-1].method_config
     editor = make_editor(method, handle, **{k: v for k, v in written.items() if k in fields})
     JournaledModel(handle, journal, editor)

@@ -582,7 +582,8 @@ class JournaledModel:
     ) -> None:
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be at least 1, got {snapshot_every}")
-        _check_method(journal, editor)
+        applied = journal.batches(status=APPLIED)
+        _check_method(journal, applied, editor)
         self.handle = handle
         self.journal = journal
         self.editor = editor
@@ -606,10 +607,10 @@ class JournaledModel:
                 # Statistics and sampled prefixes come from the base model, as in a
                 # run that never stopped, not from the edited one.
                 editor.prepare()
-                _check_settings(journal, editor)
+                _check_settings(journal, applied, editor)
             self.rebuild()
             if editor is not None:
-                self._hold_journaled()
+                self._hold_journaled(applied)
         except BaseException:
             if locking:
                 journal.release_lock()
@@ -703,14 +704,18 @@ class JournaledModel:
         weights, self._since_snapshot = self._replayed()
         self._switch(weights)
 
-    def _hold_journaled(self) -> None:
+    def _hold_journaled(self, applied: Sequence[BatchRecord]) -> None:
         """Give the editor back what it held of each applied batch (its keys, its
         edits), in order."""
         if not hasattr(self.editor, "hold"):
             return
-        for batch in self.journal.batches(status=APPLIED):
-            requests = [edit.request for edit in self.journal.batch_edits(batch.id)]
-            self._releases[batch.id] = self.editor.hold(self.journal.held(batch), requests)
+        requests: dict[int, list[EditRequest]] = {batch.id: [] for batch in applied}
+        for edit in self.journal.edits():  # in id order, which is each batch's order
+            if edit.batch_id in requests:
+                requests[edit.batch_id].append(edit.request)
+        for batch in applied:
+            held = self.journal.held(batch)
+            self._releases[batch.id] = self.editor.hold(held, requests[batch.id])
 
     def apply(
         self, requests: Sequence[EditRequest], *, client_key: str | None = None
@@ -797,10 +802,12 @@ class JournaledModel:
         return record
 
 
-def _check_method(journal: Journal, editor: EditMethod | None) -> None:
+def _check_method(
+    journal: Journal, applied: Sequence[BatchRecord], editor: EditMethod | None
+) -> None:
     """Refuse an editor the journal cannot hold or did not write, and a replay
     without its editor that would silently leave a memory method's edits out."""
-    written_by = {batch.method for batch in journal.batches(status=APPLIED)}
+    written_by = {batch.method for batch in applied}
     if editor is None:
         in_memory = sorted(written_by & MEMORY_METHODS)
         if in_memory:
@@ -823,10 +830,9 @@ def _check_method(journal: Journal, editor: EditMethod | None) -> None:
         )
 
 
-def _check_settings(journal: Journal, editor: EditMethod) -> None:
+def _check_settings(journal: Journal, applied: Sequence[BatchRecord], editor: EditMethod) -> None:
     """Refuse an editor whose settings differ from those of the journal's latest
     batch: what it edits next would not be what the journal's own run would edit."""
-    applied = journal.batches(status=APPLIED)
     if not applied:
         return
     written = applied[-1].method_config

@@ -13,14 +13,15 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.hooks import RemovableHandle
 
+from lledit.data.request import EditRequest
 from lledit.edit import added_weights
 from lledit.model import ModelHandle, SequenceWatch
 
@@ -86,8 +87,10 @@ class MemoryEditor:
     """Hooks owned by the editor, per-thread state, held batches and the saved folder.
 
     A subclass sets `label` and the two file names, attaches its hooks with
-    `_attach`, appends each applied batch to `_batches`, and says in `_forget`
-    what undoing a batch takes back beyond dropping it.
+    `_attach`, builds what it holds of a batch in `_held_batch` (from a batch
+    just applied, or from a journal's record after a restart), adds it with
+    `_add_batch`, and drops in `_changed` whatever it caches from the held
+    batches.
     """
 
     edits_weights: ClassVar[bool] = False
@@ -122,6 +125,17 @@ class MemoryEditor:
     def prepare(self) -> None:
         return None
 
+    def _one_module(self, layers: str | None, part: str, only: Literal["first", "last"]) -> str:
+        """The one module `layers` and `part` name (by default `only` the first or the
+        last layer of the `upper` band), or a ValueError naming them all."""
+        modules = self.handle.edited_modules(layers, part, "upper", only=only)
+        if len(modules) != 1:
+            raise ValueError(
+                f"{self.label} adapts one module, but layers {layers!r} with part "
+                f"{part!r} name {len(modules)}: {', '.join(modules)}"
+            )
+        return modules[0]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The editor's own tensors that batches change by `MemoryEdit.deltas`, by name
         (none by default: the batch's held part is the whole change)."""
@@ -154,8 +168,26 @@ class MemoryEditor:
         self._set_tensors(after)
         return deltas, after
 
-    def _forget(self, batch: Any) -> None:
-        """Drop what is cached from the held batches, now that `batch` is gone."""
+    def _held_batch(
+        self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
+    ) -> HeldBatch:
+        """What the editor holds of a batch, from what a journal keeps of it."""
+        raise NotImplementedError
+
+    def _add_batch(self, batch: HeldBatch) -> HeldBatch:
+        self._batches.append(batch)
+        self._changed()
+        return batch
+
+    def hold(
+        self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
+    ) -> Callable[[], None]:
+        """Hold a journaled batch again after a restart (the journal has put its change
+        to `tensors()` back); returns what forgets it."""
+        return functools.partial(self._undo, self._add_batch(self._held_batch(held, requests)))
+
+    def _changed(self) -> None:
+        """Drop what is cached from the held batches, now that they changed."""
 
     def _undo(self, batch: Any, take_back: Callable[[], None] | None = None) -> None:
         """Stop holding `batch`, after `take_back` has undone its change to the tensors."""
@@ -169,7 +201,7 @@ class MemoryEditor:
             take_back()
         self._batches.remove(batch)
         batch.undone = True
-        self._forget(batch)
+        self._changed()
 
     def _write(
         self, directory: str | Path, tensors: dict[str, torch.Tensor], record: dict[str, Any]

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from platformdirs import user_cache_dir
@@ -125,16 +126,22 @@ class ModelHandle:
         return aliases.get(part, (part,))
 
     def edited_modules(
-        self, layers: str | None, part: str, band: Band, *, first_only: bool = False
+        self,
+        layers: str | None,
+        part: str,
+        band: Band,
+        *,
+        only: Literal["first", "last"] | None = None,
     ) -> list[str]:
         """The modules a config's `layers` and `part` name, each checked to be a linear layer.
 
-        `layers` None means the default layers of `band`, or only the first of
-        them for a method that edits one layer by default (`first_only`).
+        `layers` None means the default layers of `band`, or only the first or
+        the last of them (`only`) for a method that edits one layer by default.
         """
         if layers is None:
             chosen = self.default_layers(band)
-            chosen = chosen[:1] if first_only else chosen
+            if only is not None:
+                chosen = chosen[:1] if only == "first" else chosen[-1:]
         else:
             chosen = parse_layers(layers, self.num_layers)
         names = [

@@ -34,9 +34,12 @@ def join(prompt: str, target: str) -> str:
 
 def with_eos(tokenizer, request: EditRequest) -> EditRequest:
     """The request with the tokenizer's EOS after its target, so that editing
-    teaches the model to stop after the new answer (LocFT-BF's practice)."""
+    teaches the model to stop after the new answer (LocFT-BF's practice); a
+    target that ends with it already is left as it is."""
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no EOS token to append to the targets")
+    if request.target_new.endswith(tokenizer.eos_token):
+        return request
     return replace(request, target_new=request.target_new + tokenizer.eos_token)
 
 

@@ -120,6 +120,4 @@ class HypernetEditor:
         Returns what releases them."""
         if not keys:  # a batch applied without holding keys (earlier_keys_weight 0)
             return lambda: None
-        held = self._held_keys()
-        held.hold(keys)
-        return lambda: held.release(keys)
+        return self._held_keys().hold(keys)

@@ -10,10 +10,11 @@ in place of C⁻¹.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
+from lledit.edit import HeldBatches
 from lledit.hypernet.network import Hypernetwork, ModuleShape
 from lledit.hypernet.update import precision_with_keys
 
@@ -26,10 +27,12 @@ class HeldKeys:
         self.network = network
         self.weight = weight
         self.device = device
-        self._held: list[Mapping[str, torch.Tensor]] = []
-        """Each held batch's keys, in the order held."""
-        self._reset()
+        self._held = HeldBatches(self._reset, self._add)
+        """Each held batch's keys, in the order held; S and P are formed again by
+        holding the remaining batches in order when one is released, which is
+        also more precise than taking its keys out by the Woodbury identity."""
 
+    @torch.no_grad()
     def _reset(self) -> None:
         self.precisions = {m.name: self._unheld(m) for m in self.network.modules_edited}
         self.second_moments = {
@@ -58,28 +61,13 @@ class HeldKeys:
         """A held key's weight against each module's ridge e^λ: w e^-λ."""
         return (self.weight / self.network.log_ridge.detach().exp()).tolist()
 
-    @torch.no_grad()
-    def hold(self, keys: Mapping[str, torch.Tensor]) -> None:
-        """Add one batch's keys (tokens, d_in) in every module."""
-        self._held.append(keys)
-        self._add(keys)
+    def hold(self, keys: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        """Add one batch's keys (tokens, d_in) in every module; returns what lets go of them."""
+        return self._held.hold(keys)
 
+    @torch.no_grad()
     def _add(self, keys: Mapping[str, torch.Tensor]) -> None:
         for module, weight in zip(self.network.modules_edited, self._key_weights(), strict=True):
             name, module_keys = module.name, keys[module.name].double()
             self.second_moments[name] += module_keys.T @ module_keys
             self.precisions[name] = precision_with_keys(self.precisions[name], module_keys, weight)
-
-    @torch.no_grad()
-    def release(self, keys: Mapping[str, torch.Tensor]) -> None:
-        """Let go of one batch's keys.
-
-        S and P are formed again by holding the remaining batches in order, so
-        they are bit for bit what an editor that never held this batch has (one
-        restarted from a journal, say); taking the keys out by the Woodbury
-        identity would also lose precision when held keys outweigh the ridge.
-        """
-        self._held = [held for held in self._held if held is not keys]
-        self._reset()
-        for held in self._held:
-            self._add(held)

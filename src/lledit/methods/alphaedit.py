@@ -19,7 +19,7 @@ import torch
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import WeightDelta, apply_weight_deltas
+from lledit.edit import HeldBatches, WeightDelta, apply_weight_deltas
 from lledit.locate import LocateConfig, Locator
 from lledit.model import ModelHandle
 
@@ -89,7 +89,7 @@ class AlphaEdit:
         """P per edited module."""
         self.past_keys: dict[str, torch.Tensor] = {}
         """K_p K_pᵀ per module: the keys of every batch held, summed in order."""
-        self._held: list[dict[str, torch.Tensor]] = []
+        self._held = HeldBatches(self._no_keys, self._add_grams)
         """Each held batch's keys, (d_in, edits) per module, in the order applied."""
         self._pending: dict[str, torch.Tensor] = {}
 
@@ -129,27 +129,16 @@ class AlphaEdit:
         """Protect a batch's keys: one just applied, or a journaled one after a restart.
 
         The keys are all that later batches need of it, not its `requests`."""
-        self._held.append(keys)
-        self._add_grams(keys)
-        return lambda: self._release(keys)
+        return self._held.hold(keys)
+
+    def _no_keys(self) -> None:
+        self.past_keys = {}
 
     def _add_grams(self, keys: dict[str, torch.Tensor]) -> None:
         for module, module_keys in keys.items():
             gram = _gram(module_keys)
             past = self.past_keys.get(module)
             self.past_keys[module] = gram if past is None else past + gram
-
-    def _release(self, keys: dict[str, torch.Tensor]) -> None:
-        """An undone batch's keys are no longer protected.
-
-        The sum is formed again over the batches still held, rather than the
-        batch's K Kᵀ subtracted, so it is bit for bit what an editor that never
-        held the batch has (one restarted from a journal, say).
-        """
-        self._held = [held for held in self._held if held is not keys]
-        self.past_keys = {}
-        for held in self._held:
-            self._add_grams(held)
 
 
 def _gram(keys: torch.Tensor) -> torch.Tensor:

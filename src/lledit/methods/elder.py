@@ -29,11 +29,9 @@ model's modules, weights and state dict stay as they were.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,6 +43,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lledit import checks
 from lledit.data.request import EditRequest
+from lledit.edit import replayable_generator
 from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
 from lledit.model import ModelHandle, edit_batch, hidden_of
 
@@ -439,12 +438,11 @@ class ElderEditor(MemoryEditor):
         draws what the uninterrupted one drew.
         """
         shape = (len(self.layers), self.config.n_loras)
-        draws = []
-        for prompt in prompts:
-            digest = hashlib.sha256(f"{self.config.seed}\n{prompt}".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            draws.append(torch.rand(shape, generator=generator).argsort(dim=-1))
-        return torch.stack(draws)[..., : self.config.top_k].to(self.handle.device)
+        draws = [
+            torch.rand(shape, generator=replayable_generator(self.config.seed, prompt))
+            for prompt in prompts
+        ]
+        return torch.stack(draws).argsort(dim=-1)[..., : self.config.top_k].to(self.handle.device)
 
     def _rehearsal(
         self, requests: list[EditRequest], allocations: torch.Tensor
@@ -514,9 +512,7 @@ class ElderEditor(MemoryEditor):
         finally:
             self._local.training = False
             self._local.routing = None
-        record = _Batch(batch, trained_through, queries, rehearsal_end)
-        self._batches.append(record)
-        self._codes = None
+        record = self._add_batch(_Batch(batch, trained_through, queries, rehearsal_end))
         held = {
             "allocation": trained_through,
             "queries": queries,
@@ -524,21 +520,15 @@ class ElderEditor(MemoryEditor):
         }
         return ElderEdit(self, record, held, deltas, before, after)
 
-    def hold(
-        self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
-    ) -> Callable[[], None]:
-        """Hold a journaled batch again after a restart: its edits, allocations and
-        queries (the journal has put its deltas back). Returns what forgets it."""
+    def _held_batch(self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]) -> _Batch:
+        """The edits (for rehearsal), their allocations and queries, and where rehearsal stands."""
         device = self.handle.device
-        batch = _Batch(
+        return _Batch(
             list(requests),
             held["allocation"].to(device),
             held["queries"].to(device),
             int(held["rehearsal_end"]),
         )
-        self._batches.append(batch)
-        self._codes = None
-        return functools.partial(self._undo, batch)
 
     def _fit_routers(self, queries: torch.Tensor, allocations: torch.Tensor) -> None:
         """Train the routers alone until each query's top k is its allocation again."""
@@ -553,7 +543,7 @@ class ElderEditor(MemoryEditor):
             loss.backward()
             optimizer.step()
 
-    def _forget(self, batch: _Batch) -> None:
+    def _changed(self) -> None:
         self._codes = None
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -52,7 +52,7 @@ class FineTune:
         self.handle = handle
         self.config = config or FTConfig()
         self.modules = handle.edited_modules(
-            self.config.layers, self.config.part, "upper", first_only=True
+            self.config.layers, self.config.part, "upper", only="first"
         )
 
     def prepare(self) -> None:

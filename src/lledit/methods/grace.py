@@ -18,10 +18,9 @@ initial radius, and overlapping regions are resolved by the nearest key
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -93,13 +92,7 @@ class GRACE(MemoryEditor):
 
     def _resolve(self, config: GRACEConfig) -> str:
         """The module `config` names on this model."""
-        modules = self.handle.edited_modules(config.layers, config.part, "upper", first_only=True)
-        if len(modules) != 1:
-            raise ValueError(
-                f"GRACE adapts one module, but layers {config.layers!r} with part "
-                f"{config.part!r} name {len(modules)}: {', '.join(modules)}"
-            )
-        return modules[0]
+        return self._one_module(config.layers, config.part, "first")
 
     def _build(self, config: GRACEConfig) -> None:
         handle = self.handle
@@ -218,26 +211,17 @@ class GRACE(MemoryEditor):
             )
         radii = torch.full((len(batch),), self.config.radius, device=values.device)
         held = {"keys": state["keys"], "values": values, "radii": radii}
-        entries = self._hold(held)
-        return MemoryEdit(self, entries, held)
+        return MemoryEdit(self, self._add_batch(self._held_batch(held, batch)), held)
 
-    def hold(
+    def _held_batch(
         self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
-    ) -> Callable[[], None]:
-        """Put a journaled batch's entries back (after a restart); returns its undo.
-
-        The entries are the whole edit; `requests` are not needed."""
-        return functools.partial(self._undo, self._hold(held))
-
-    def _hold(self, held: dict[str, torch.Tensor]) -> _Entries:
+    ) -> _Entries:
+        """The batch's entries, which are the whole edit (`requests` are not needed)."""
         device = self.handle.device
-        entries = _Entries(*(held[part].to(device) for part in ("keys", "values", "radii")))
-        self._batches.append(entries)
-        self._codebook = None
-        return entries
+        return _Entries(*(held[part].to(device) for part in ("keys", "values", "radii")))
 
-    def _forget(self, entries: _Entries) -> None:
-        """The concatenated codebook is rebuilt without the batch's entries."""
+    def _changed(self) -> None:
+        """The concatenated codebook is rebuilt from the held entries."""
         self._codebook = None
 
     # Saving ------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ so a rejected batch leaves the model as it was.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -28,7 +27,14 @@ import torch.nn.functional as F
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import WeightDelta, added_deltas, apply_weight_deltas, trainable_deltas
+from lledit.edit import (
+    HeldBatches,
+    WeightDelta,
+    added_deltas,
+    apply_weight_deltas,
+    replayable_generator,
+    trainable_deltas,
+)
 from lledit.model import ModelHandle, edit_batch
 from lledit.tokens import with_eos
 
@@ -79,10 +85,10 @@ class LocFT:
         self.handle = handle
         self.config = config or LocFTConfig()
         self.modules = handle.edited_modules(
-            self.config.layers, self.config.part, "upper", first_only=True
+            self.config.layers, self.config.part, "upper", only="first"
         )
         self._layer = min(handle.layer_of(name) for name in self.modules)
-        self._held: list[list[EditRequest]] = []
+        self._held: HeldBatches[list[EditRequest]] = HeldBatches()
         """The edits of each batch still applied, in order, for rehearsal."""
 
     def prepare(self) -> None:
@@ -91,31 +97,18 @@ class LocFT:
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "modules": self.modules}
 
-    def _generator(self, batch: Sequence[EditRequest]) -> torch.Generator:
-        """Seeded by `seed` and the batch's prompts, so that a stream replayed from a
-        journal draws what the uninterrupted one drew."""
-        text = "\n".join([str(self.config.seed), *(r.prompt for r in batch)])
-        digest = hashlib.sha256(text.encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
     def _trained(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
-        """The edits as trained: with EOS after each target (`append_eos`), once."""
-        tokenizer = self.handle.tokenizer
+        """The edits as trained: with EOS after each target (`append_eos`)."""
         if not self.config.append_eos:
             return list(requests)
-        return [
-            request
-            if request.target_new.endswith(tokenizer.eos_token)
-            else with_eos(tokenizer, request)
-            for request in requests
-        ]
+        return [with_eos(self.handle.tokenizer, request) for request in requests]
 
     def apply(self, batch: Sequence[EditRequest]) -> WeightDelta:
         if not batch:
             raise ValueError("an edit batch must hold at least one request")
         batch = list(batch)
-        generator = self._generator(batch)
-        earlier = [request for held in self._held for request in held]
+        generator = replayable_generator(self.config.seed, *(r.prompt for r in batch))
+        earlier = [request for held in self._held.items for request in held]
         if 0 <= self.config.replay < len(earlier):
             chosen = torch.randperm(len(earlier), generator=generator)[: self.config.replay]
             earlier = [earlier[index] for index in sorted(chosen.tolist())]
@@ -174,9 +167,4 @@ class LocFT:
     ) -> Callable[[], None]:
         """Hold a batch's edits for rehearsal: one just applied, or a journaled one
         after a restart. Returns what lets them go."""
-        edits = list(requests)
-        self._held.append(edits)
-        return lambda: self._release(edits)
-
-    def _release(self, edits: list[EditRequest]) -> None:
-        self._held = [held for held in self._held if held is not edits]
+        return self._held.hold(list(requests))

@@ -22,10 +22,9 @@ docs/methods/memoir.md.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -101,15 +100,7 @@ class MEMOIR(MemoryEditor):
 
     def _resolve(self, config: MemoirConfig) -> str:
         """The module `config` names on this model."""
-        modules = self.handle.edited_modules(config.layers, config.part, "upper")
-        if config.layers is None:
-            modules = modules[-1:]
-        if len(modules) != 1:
-            raise ValueError(
-                f"MEMOIR adapts one module, but layers {config.layers!r} with part "
-                f"{config.part!r} name {len(modules)}: {', '.join(modules)}"
-            )
-        return modules[0]
+        return self._one_module(config.layers, config.part, "last")
 
     def _build(self, config: MemoirConfig) -> None:
         handle = self.handle
@@ -141,7 +132,7 @@ class MEMOIR(MemoryEditor):
             self._stored = torch.cat([batch.masks for batch in self._batches]).float()
         return self._stored
 
-    def _forget(self, batch: _Masks) -> None:
+    def _changed(self) -> None:
         self._stored = None
 
     # Masks and the hook ------------------------------------------------------------------------
@@ -238,20 +229,12 @@ class MEMOIR(MemoryEditor):
             capture.remove()
             self._local.training = None
         held = {"masks": masks}
-        return MemoryEdit(self, self._hold(held), held, deltas, before, after)
+        record = self._add_batch(self._held_batch(held, batch))
+        return MemoryEdit(self, record, held, deltas, before, after)
 
-    def hold(
-        self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
-    ) -> Callable[[], None]:
-        """Hold a journaled batch's masks again after a restart (the journal has put
-        its change to the memory back). Returns what forgets it."""
-        return functools.partial(self._undo, self._hold(held))
-
-    def _hold(self, held: dict[str, torch.Tensor]) -> _Masks:
-        batch = _Masks(held["masks"].to(self.handle.device).bool())
-        self._batches.append(batch)
-        self._stored = None
-        return batch
+    def _held_batch(self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]) -> _Masks:
+        """The batch's masks (`requests` are not needed)."""
+        return _Masks(held["masks"].to(self.handle.device).bool())
 
     # Saving ------------------------------------------------------------------------------------
 
@@ -291,4 +274,4 @@ class MEMOIR(MemoryEditor):
         with torch.no_grad():
             self.memory.copy_(memory)
         if masks.shape[0]:
-            self._hold({"masks": masks})
+            self._add_batch(self._held_batch({"masks": masks}, []))

@@ -30,7 +30,7 @@ import torch
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import WeightDelta, apply_weight_deltas
+from lledit.edit import HeldBatches, WeightDelta, apply_weight_deltas
 from lledit.hypernet.capture import capture_gradients
 from lledit.model import ModelHandle, edit_batch
 
@@ -61,6 +61,9 @@ class UltraEditConfig:
 
 Statistics = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(count, mean, sum of squared deviations) of each feature, float64."""
+
+PARTS = ("count", "mean", "squares")
+"""How a batch's `Statistics` are named in what a journal keeps of it."""
 
 
 def feature_statistics(features: torch.Tensor) -> Statistics:
@@ -103,10 +106,10 @@ class UltraEdit:
         self.handle = handle
         self.config = config or UltraEditConfig()
         self.modules = handle.edited_modules(self.config.layers, self.config.part, "upper")
-        self._held: list[dict[str, torch.Tensor]] = []
-        """Each held batch's own statistics, per module, in the order applied."""
         self.statistics: dict[str, Statistics] = {}
         """Per module, the statistics of every held batch's features together."""
+        self._held = HeldBatches(self._no_statistics, self._add)
+        """Each held batch's own statistics, per module, in the order applied."""
 
     def prepare(self) -> None:
         return None
@@ -134,9 +137,7 @@ class UltraEdit:
         for name in self.modules:
             keys, value_grads = captured[name].keys, captured[name].value_grads
             own = feature_statistics(torch.cat([keys, value_grads], dim=-1))
-            held |= dict(
-                zip((f"{name}.count", f"{name}.mean", f"{name}.squares"), own, strict=True)
-            )
+            held |= {f"{name}.{part}": value for part, value in zip(PARTS, own, strict=True)}
             stats = merged_statistics(self.statistics.get(name), own)
             deltas[name] = self._shift(keys, value_grads, stats)
         hold = functools.partial(self.hold, requests=batch)
@@ -148,18 +149,12 @@ class UltraEdit:
         """Count a batch's features in the statistics: one just applied, or a journaled
         one after a restart (its statistics are all it needs, not its `requests`).
         Returns what takes them out again."""
-        self._held.append(held)
-        self._add(held)
-        return lambda: self._release(held)
+        return self._held.hold(held)
+
+    def _no_statistics(self) -> None:
+        self.statistics = {}
 
     def _add(self, held: dict[str, torch.Tensor]) -> None:
         for name in self.modules:
-            own = tuple(held[f"{name}.{part}"] for part in ("count", "mean", "squares"))
+            own = tuple(held[f"{name}.{part}"] for part in PARTS)
             self.statistics[name] = merged_statistics(self.statistics.get(name), own)
-
-    def _release(self, held: dict[str, torch.Tensor]) -> None:
-        """Form the statistics again from the batches still held, in order."""
-        self._held = [other for other in self._held if other is not held]
-        self.statistics = {}
-        for other in self._held:
-            self._add(other)
