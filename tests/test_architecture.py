@@ -12,7 +12,7 @@ SOURCE = Path(lledit.__file__).parent
 
 LAYERS = (
     ("lledit.data",),
-    ("lledit.tokens", "lledit.layers", "lledit.progress", "lledit.checks"),
+    ("lledit.tokens", "lledit.layers", "lledit.progress", "lledit.checks", "lledit.moments"),
     ("lledit.model",),
     ("lledit.edit", "lledit.memory"),
     ("lledit.stats",),
@@ -23,7 +23,7 @@ LAYERS = (
     ("lledit.journal",),
     ("lledit.export",),
     ("lledit.server",),
-    ("lledit.cli",),
+    ("lledit.cli", "lledit.__main__"),
 )
 """Lowest first. The package itself (`lledit/__init__.py`) is the front door above them all."""
 

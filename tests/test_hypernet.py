@@ -462,11 +462,21 @@ def test_capture_gradients_reads_keys_and_output_gradients(tiny):
 
 
 def test_running_normaliser_matches_statistics_of_all_data():
+    """Inputs set aside in training mode, by one process or two, and merged at the
+    step give the statistics of all of them; until the step they move nothing."""
     generator = torch.Generator().manual_seed(5)
     normaliser = RunningNormaliser(n_modules=2, dim=6)
+    other_process = RunningNormaliser(n_modules=2, dim=6)
     chunks = [3.0 + 2.0 * torch.randn(size, 6, generator=generator) for size in (1, 5, 2, 9, 1)]
-    for chunk in chunks:
-        normaliser(0, chunk)  # training mode: forward updates
+    normaliser(0, chunks[0])
+    normaliser.commit([normaliser.pending])
+    for chunk in chunks[1:4]:  # one row committed so far: centred by it alone
+        expected = chunk - chunks[0].double().mean(0).float()
+        torch.testing.assert_close(normaliser(0, chunk), expected, rtol=0, atol=0)
+    other_process(0, chunks[4])
+    assert normaliser.count[0] == 1
+    normaliser.commit([normaliser.pending, other_process.pending])
+    assert normaliser.pending == {}
     everything = torch.cat(chunks).double()
     assert normaliser.count[0] == len(everything) and normaliser.count[1] == 0
     torch.testing.assert_close(normaliser.mean[0], everything.mean(0), rtol=1e-12, atol=1e-12)
@@ -563,7 +573,7 @@ def test_trainer_meta_gradient_equals_autograd_through_the_edit(tiny, tmp_path, 
         )
 
     trainer.optimizer.step = record_step
-    trainer._run_trajectory(0, lambda: None)
+    trainer._run_group(0, lambda: None)
     assert_weights_equal(tiny, before)
     assert trainer.steps_done == 1 and trainer.losses[0]["rephrase"] > 0
 
@@ -673,7 +683,7 @@ def test_trajectory_holds_its_earlier_batches_keys(tiny, tmp_path):
 
     trainer.network.deltas = recording
     weights = (0.5 / trainer.network.log_ridge.detach().exp()).tolist()  # before the step
-    trainer._run_trajectory(0, on_step=lambda: None)
+    trainer._run_group(0, on_step=lambda: None)
     assert len(seen) == 3
     for index, name in enumerate(trainer.module_names):
         expected = torch.eye(len(seen[0][1][name]), dtype=torch.float64)
@@ -1093,3 +1103,50 @@ def test_cli_trains_resumes_and_benches_a_tiny_model(tokenizer, tmp_path):
               "--checkpoint", str(out), "--out", str(tmp_path / "b2")],
     )  # fmt: skip
     assert result.exit_code == 2 and "trained for 'malmen', not 'rledit'" in result.output
+
+
+def test_two_processes_train_the_network_one_process_trains_and_resume_across_them(
+    tokenizer, tmp_path
+):
+    """`--nproc 2` (two gloo processes, one trajectory each) trains the network that
+    one process trains with the same global batch of two trajectories, and a run
+    begun on two processes resumes on one as if it had never stopped."""
+    model_dir = tmp_path / "model"
+    make_tiny_model("llama", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    settings = [
+        "layers=3", "rank=4", "n_blocks=1", "validation_edits=2", "warmup_batches=1",
+        "trajectory_length=2", "step_every=1", "trajectories_per_step=2", "checkpoint_every=2",
+    ]  # fmt: skip
+    common = ["train", "--method", "rledit", "--model", str(model_dir), "--data", "builtin"]
+    common += ["--limit", "10", "--batch-size", "2"]
+    common += [part for setting in settings for part in ("--set", setting)]
+
+    def train(out, *extra):
+        result = runner.invoke(app, [*common, "--out", str(out), *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return load_network(out)[0].state_dict(), json.loads((out / "checkpoint.json").read_text())
+
+    alone, alone_meta = train(tmp_path / "one", "--steps", "4")
+    together, together_meta = train(tmp_path / "two", "--steps", "4", "--nproc", "2")
+    assert together_meta["steps_done"] == alone_meta["steps_done"] == 4
+    assert together_meta["trajectories_done"] == alone_meta["trajectories_done"] == 4
+    assert alone.keys() == together.keys()
+    assert any(name.endswith(".up") and value.abs().max() > 0 for name, value in alone.items())
+    for name, value in alone.items():
+        torch.testing.assert_close(together[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    for first, second in zip(alone_meta["losses"], together_meta["losses"], strict=True):
+        assert first.keys() == second.keys()
+        for key in first:
+            assert second[key] == pytest.approx(first[key], rel=1e-4, abs=1e-7), key
+
+    train(tmp_path / "resumed", "--steps", "2", "--nproc", "2")
+    resumed, resumed_meta = train(tmp_path / "resumed", "--steps", "4", "--resume")
+    assert resumed_meta["steps_done"] == 4
+    for name, value in alone.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "x"), "--nproc", "3"])
+    assert (
+        result.exit_code == 2 and "--nproc 3 must divide trajectories_per_step (2)" in result.output
+    )

@@ -8,7 +8,8 @@ from lledit import METHODS, EditRequest, make_editor
 from lledit.edit import NonFiniteUpdateError, apply_weight_deltas
 from lledit.eval import evaluate
 from lledit.methods import parse_settings
-from lledit.methods.ultraedit import feature_statistics, merged_statistics, normalised
+from lledit.methods.ultraedit import normalised
+from lledit.moments import feature_moments, merged_moments
 
 
 def test_registry_lists_none_and_ft():
@@ -155,7 +156,7 @@ def test_ultraedit_statistics_merged_batch_by_batch_equal_one_shot_statistics():
     parts = [torch.randn(rows, 6, generator=generator) * 3 + 1 for rows in (5, 1, 12)]
     running = None
     for part in parts:
-        running = merged_statistics(running, feature_statistics(part))
+        running = merged_moments(running, feature_moments(part))
     everything = torch.cat(parts).double()
     count, mean, squares = running
     assert count.item() == len(everything)
@@ -167,7 +168,7 @@ def test_ultraedit_update_maps_keys_to_their_pseudo_values(tiny, requests_small)
     editor = make_editor("ultraedit", tiny, lr=1e-2, ridge=1e-3)
     keys = torch.randn(4, 8, dtype=torch.float64)
     grads = torch.randn(4, 3, dtype=torch.float64)
-    stats = feature_statistics(torch.cat([keys, grads], dim=-1))
+    stats = feature_moments(torch.cat([keys, grads], dim=-1))
     shift = editor._shift(keys.float(), grads.float(), stats).double()
     features = normalised(torch.cat([keys, grads], dim=-1), stats)
     values = -1e-2 * (features[:, :8] ** 2).sum(-1, keepdim=True) * features[:, 8:]

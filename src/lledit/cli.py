@@ -22,6 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from lledit import progress
 from lledit.data import DataFileError, InvalidEditError, UnknownDatasetError, list_datasets
@@ -44,7 +45,7 @@ from lledit.eval.report import (
     plot_retention_by_age,
 )
 from lledit.export import export_journal
-from lledit.hypernet import CheckpointError
+from lledit.hypernet import CheckpointError, distributed
 from lledit.hypernet.training import HypernetTrainer
 from lledit.journal import SNAPSHOT_EVERY, UNDONE, Journal, JournaledModel, JournalError
 from lledit.methods import (
@@ -337,6 +338,14 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Edits per batch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N records.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train on this many processes on this machine (torchrun); the global batch "
+            "is --set trajectories_per_step=K, split evenly across them.",
+        ),
+    ] = 1,
     model: ModelOption = None,
     device: DeviceOption = "cpu",
     settings: SettingsOption = None,
@@ -359,21 +368,65 @@ def train(
             raise ValueError(
                 f"{out} already holds a checkpoint; pass --resume or choose another --out"
             )
+        if nproc > 1 and distributed.launched_by_torchrun():
+            raise ValueError("--nproc starts torchrun itself; under torchrun leave it out")
+        if config.trajectories_per_step % nproc:
+            raise ValueError(
+                f"--nproc {nproc} must divide trajectories_per_step "
+                f"({config.trajectories_per_step}): each process runs an equal share"
+            )
         dataset = load_edit_dataset(data, split, limit=limit, skip_invalid=skip_invalid)
-        handle = load_model(model, device=device, allow_download=allow_download)
-        trainer = HypernetTrainer(
-            handle, method_class(method), config, dataset.requests, out, dataset.to_dict()
-        )
-        if resume:
-            trainer.resume()
-        trainer.train()
-        report = trainer.validate()
+        arguments = (method, config, dataset.requests, dataset.to_dict(), out)
+        options = (model, device, allow_download, resume)
+        if nproc > 1:
+            outcome = distributed.launch(nproc, _train_process, *arguments, *options)[0]
+        else:
+            outcome = _train_process(*arguments, *options)
     except USER_ERRORS as error:
         raise _fail(error) from error
+    except ChildFailedError as error:
+        raise _fail(error) from error
+    if outcome is None:
+        return
+    report = outcome["report"]
     if report:
         summary = ", ".join(f"{k} {v:.3f}" for k, v in report["metrics"].items())
         console.print(f"validation on {report['n_edits']} held-out edits: {summary}")
-    console.print(f"checkpoint in {out}/ ({trainer.steps_done} steps, {trainer.elapsed_s:.0f} s)")
+    console.print(
+        f"checkpoint in {out}/ ({outcome['steps_done']} steps, {outcome['elapsed_s']:.0f} s)"
+    )
+
+
+def _train_process(
+    method: str,
+    config: Any,
+    requests: list,
+    data_info: dict[str, Any],
+    out: Path,
+    model: str | None,
+    device: str,
+    allow_download: bool,
+    resume: bool,
+) -> dict[str, Any] | None:
+    """Train as this process's part of the run: alone, or one of torchrun's
+    processes (the main one shows progress, validates and reports; the others
+    return None)."""
+    ranks, device = distributed.start(device)
+    try:
+        with progress.reporting(ProgressBars(console) if ranks.main else None):
+            handle = load_model(model, device=device, allow_download=allow_download)
+            trainer = HypernetTrainer(
+                handle, method_class(method), config, requests, out, data_info
+            )
+            if resume:
+                trainer.resume()
+            trainer.train()
+            if not ranks.main:
+                return None
+            report = trainer.validate()
+        return {"report": report, "steps_done": trainer.steps_done, "elapsed_s": trainer.elapsed_s}
+    finally:
+        distributed.stop()
 
 
 @app.command("general")

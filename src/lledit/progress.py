@@ -80,8 +80,8 @@ def task(description: str, total: int | None = None, completed: int = 0) -> Iter
 
 
 @contextmanager
-def reporting(reporter: Reporter) -> Iterator[None]:
-    """Within this block (in this thread), tasks are shown by `reporter`."""
+def reporting(reporter: Reporter | None) -> Iterator[None]:
+    """Within this block (in this thread), tasks are shown by `reporter` (None: by none)."""
     token = _reporter.set(reporter)
     try:
         yield

@@ -55,6 +55,10 @@ class HypernetTrainConfig:
     MALMEN."""
     step_every: int | None = None
     """Optimizer step every this many batches of a trajectory; None: once per trajectory."""
+    trajectories_per_step: int = 1
+    """Trajectories run side by side whose gradients are averaged in each
+    optimizer step: the global batch, split evenly across the processes of a
+    distributed run (`lledit train --nproc`); 1, as the papers train."""
     meta_lr: float = 1e-3
     """Adam learning rate of the network."""
     scalar_lr: float = 2e-2
@@ -87,6 +91,7 @@ class HypernetTrainConfig:
         checks.at_least(
             self, 1, "rank", "n_blocks", "steps", "batch_size", "trajectory_length",
             "backtrack_depth", "checkpoint_every", "locality_tokens", "key_samples", "step_every",
+            "trajectories_per_step",
         )  # fmt: skip
         checks.at_least(self, 0, "validation_edits", "warmup_batches")
         checks.positive(self, "initial_step", "initial_ridge")

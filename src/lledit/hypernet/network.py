@@ -2,8 +2,8 @@
 
 One small residual network per module shape serves every edited module of that
 shape; a per-module scale and shift in each block tell the modules apart. The
-inputs are normalised by per-module running statistics that are updated while
-training and frozen at edit time.
+inputs are normalised by per-module running statistics that move at each
+optimizer step while training and are frozen at edit time.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from lledit.hypernet.capture import Captured
 from lledit.hypernet.update import least_squares_update, mend_update, value_differences
+from lledit.moments import Moments, feature_moments, merged_moments
 
 UPDATE_RULES = ("mend", "least_squares")
 KEY_RIDGE_FLOOR = 1e-3
@@ -31,11 +32,14 @@ class ModuleShape:
 
 
 class RunningNormaliser(nn.Module):
-    """Per-module mean and standard deviation of the inputs, updated only in training mode.
+    """Per-module mean and standard deviation of the inputs, moved only in training mode.
 
-    The update is the exact parallel (Chan et al.) merge of batch statistics
-    and the variance is the unbiased one; in eval mode nothing moves, so the
-    same input always gives the same output at edit time.
+    In training mode each input's moments are set aside and merged into the
+    statistics at the next optimizer step (`commit`), so every input of one
+    step is normalised alike, whichever trajectory or process it came from,
+    and processes training together stay identical. The merge is exact
+    (`lledit.moments`) and the variance the unbiased one; in eval mode nothing
+    moves, so the same input always gives the same output at edit time.
     """
 
     def __init__(self, n_modules: int, dim: int) -> None:
@@ -43,23 +47,32 @@ class RunningNormaliser(nn.Module):
         self.register_buffer("count", torch.zeros(n_modules, dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(n_modules, dim, dtype=torch.float64))
         self.register_buffer("sum_squares", torch.zeros(n_modules, dim, dtype=torch.float64))
+        self.pending: dict[int, Moments] = {}
+        """Per module, the moments of the inputs seen since the last `commit`."""
 
     @torch.no_grad()
     def update(self, index: int, values: torch.Tensor) -> None:
-        values = values.double()
-        count, batch_count = self.count[index], values.shape[0]
-        batch_mean = values.mean(dim=0)
-        total = count + batch_count
-        shift = batch_mean - self.mean[index]
-        self.mean[index] += shift * batch_count / total
-        self.sum_squares[index] += ((values - batch_mean) ** 2).sum(dim=0) + (
-            shift**2 * count * batch_count / total
-        )
-        self.count[index] = total
+        """Merge `values` into module `index`'s statistics now."""
+        self._merge(index, feature_moments(values))
+
+    @torch.no_grad()
+    def _merge(self, index: int, moments: Moments) -> None:
+        current = (self.count[index], self.mean[index], self.sum_squares[index])
+        count, mean, squares = merged_moments(current, moments)
+        self.count[index], self.mean[index], self.sum_squares[index] = count, mean, squares
+
+    @torch.no_grad()
+    def commit(self, pending: Sequence[dict[int, Moments]]) -> None:
+        """Merge the moments set aside, of this process or of each in rank order."""
+        for moments_of_modules in pending:
+            for index, moments in sorted(moments_of_modules.items()):
+                self._merge(index, moments)
+        self.pending = {}
 
     def forward(self, index: int, values: torch.Tensor) -> torch.Tensor:
         if self.training:
-            self.update(index, values)
+            own = feature_moments(values.detach())
+            self.pending[index] = merged_moments(self.pending.get(index), own)
         count = self.count[index]
         if count < 2:
             return values - self.mean[index].float()
@@ -166,6 +179,21 @@ class Hypernetwork(nn.Module):
         shape, slot = self._slot[name]
         inputs = torch.cat([captured.keys, captured.value_grads], dim=1)
         self.networks[shape].normaliser.update(slot, inputs)
+
+    def pending_statistics(self) -> dict[str, dict[int, Moments]]:
+        """What each shape's normaliser has set aside since the last step, on the CPU."""
+        return {
+            shape: {
+                index: tuple(part.cpu() for part in moments)
+                for index, moments in network.normaliser.pending.items()
+            }
+            for shape, network in self.networks.items()
+        }
+
+    def commit_statistics(self, pending: Sequence[dict[str, dict[int, Moments]]]) -> None:
+        """Merge `pending_statistics()` of every process, in rank order, into the normalisers."""
+        for shape, network in self.networks.items():
+            network.normaliser.commit([of_process[shape] for of_process in pending])
 
     def pseudo(self, name: str, captured: Captured) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo keys k̃ (tokens, d_in) and pseudo gradients g̃ (tokens, d_out)."""

@@ -12,6 +12,12 @@ whose gradient reaches the network only through ΔW_t (earlier edits are the
 environment). MEND and MALMEN are the case T = D = 1: edit the original model,
 judge, revert. The D backtracking losses share one forward pass, and the
 optimizer may step every few batches inside a trajectory (`step_every`).
+
+Several trajectories may run side by side (`trajectories_per_step`), batch t
+of each before batch t+1 of any, with their gradients averaged at every
+step; spread over processes (`lledit.hypernet.distributed`), each runs its
+share and they average together, so N processes train the network one
+process would with the same settings.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ from lledit.hypernet.checkpoint import (
     save_checkpoint,
 )
 from lledit.hypernet.config import HypernetTrainConfig, edited_modules
+from lledit.hypernet.distributed import Ranks, average_gradients, barrier, gathered
 from lledit.hypernet.editor import HypernetEditor
 from lledit.hypernet.held_keys import HeldKeys
 from lledit.hypernet.losses import (
@@ -92,8 +99,27 @@ class _Examples:
         return edits, LossBatch(rephrases, locality)
 
 
+@dataclass
+class _Trajectory:
+    """One trajectory under way: its batches, what its losses look back on, and
+    the edited weights as its batches so far left them."""
+
+    batches: list[list[int]]
+    weights: dict[str, torch.Tensor]
+    held: HeldKeys | None
+    history: deque[LossBatch]
+    original: deque[torch.Tensor]
+    totals: dict[str, float] = field(
+        default_factory=lambda: {"rephrase": 0.0, "locality": 0.0, "drift": 0.0, "l2": 0.0}
+    )
+
+
 class HypernetTrainer:
-    """Trains one hypernetwork editor on one model; checkpoints to `out` and resumes from it."""
+    """Trains one hypernetwork editor on one model; checkpoints to `out` and resumes from it.
+
+    Under torchrun each process builds its own trainer on its own copy of the
+    model; only the main one writes the checkpoint.
+    """
 
     def __init__(
         self,
@@ -106,6 +132,12 @@ class HypernetTrainer:
     ) -> None:
         self.handle, self.editor_class, self.config = handle, editor_class, config
         self.method = editor_class.name
+        self.ranks = Ranks.current()
+        if config.trajectories_per_step % self.ranks.size:
+            raise ValueError(
+                f"trajectories_per_step {config.trajectories_per_step} cannot be split evenly "
+                f"across {self.ranks.size} processes"
+            )
         self.out = Path(out)
         self.data_info = data_info or {}
         if len(requests) < config.validation_edits + config.batch_size:
@@ -226,71 +258,104 @@ class HypernetTrainer:
             for name, weight in edited.items():
                 self.handle.weight_of(name).copy_(weight)
 
-    def _run_trajectory(self, trajectory: int, on_step) -> None:
-        config, network, handle = self.config, self.network, self.handle
-        history: deque[LossBatch] = deque(maxlen=config.backtrack_depth)
-        weights = [config.decay**i for i in range(config.backtrack_depth)]
-        step_every = config.step_every or config.trajectory_length
-        batches = self._trajectory_batches(trajectory)
-        totals = {"rephrase": 0.0, "locality": 0.0, "drift": 0.0, "l2": 0.0}
-        original: deque[torch.Tensor] = deque(maxlen=config.backtrack_depth)
+    def _start(self, trajectory: int) -> _Trajectory:
+        config = self.config
         held = None
         if config.earlier_keys_weight:
-            held = HeldKeys(network, config.earlier_keys_weight, handle.device)
+            held = HeldKeys(self.network, config.earlier_keys_weight, self.handle.device)
+        return _Trajectory(
+            batches=self._trajectory_batches(trajectory),
+            weights=dict(self.original),
+            held=held,
+            history=deque(maxlen=config.backtrack_depth),
+            original=deque(maxlen=config.backtrack_depth),
+        )
+
+    def _edit_and_judge(self, trajectory: _Trajectory, t: int) -> None:
+        """Batch t of `trajectory`: edit with the current network, judge, and add the
+        gradient of the judgement to the network's."""
+        config, network, handle = self.config, self.network, self.handle
+        with torch.no_grad():
+            for name, weight in trajectory.weights.items():
+                handle.weight_of(name).copy_(weight)
+        edits, loss_batch = self.train_examples.batch(trajectory.batches[t])
+        captured = capture_gradients(handle, self.module_names, batch_tokens(handle, edits))
+        history = trajectory.history
+        history.appendleft(loss_batch)
+        reference = locality_log_probs(handle, history)
+        original_reference = None
+        if config.drift_weight:
+            trajectory.original.appendleft(self._original_log_probs(loss_batch))
+            original_reference = torch.cat(list(trajectory.original))
+        held = trajectory.held
+        deltas = network.deltas(captured, None if held is None else held.precisions)
+        add_weight_deltas(handle, {n: d.detach() for n, d in deltas.items()})
+        if held is not None:
+            held.hold(keys_of(captured))
+        weights = [config.decay**i for i in range(len(history))]
+        parts, grads = weight_gradients(
+            handle,
+            self.module_names,
+            lambda: weighted_loss(
+                handle,
+                history,
+                weights,
+                reference,
+                config.locality_weight,
+                original_reference,
+                config.drift_weight,
+            ),
+        )
+        scale = config.discount**t
+        torch.autograd.backward(
+            [deltas[n] for n in self.module_names],
+            [
+                scale * (grads[n] + 2 * config.l2_weight * deltas[n].detach())
+                for n in self.module_names
+            ],
+        )
+        trajectory.weights = {n: handle.weight_of(n).detach().clone() for n in self.module_names}
+        totals = trajectory.totals
+        totals["rephrase"] += parts.rephrase
+        totals["locality"] += parts.locality
+        totals["drift"] += parts.drift
+        totals["l2"] += sum(float(d.detach().pow(2).sum()) for d in deltas.values())
+
+    def _step(self) -> None:
+        """One optimizer step on the gradients of every trajectory of the group, on
+        every process; the normaliser takes in what they all saw."""
+        config = self.config
+        average_gradients(self.network.parameters(), config.trajectories_per_step, self.ranks)
+        self.network.commit_statistics(gathered(self.network.pending_statistics(), self.ranks))
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+
+    def _run_group(self, group: int, on_step) -> None:
+        """The `trajectories_per_step` trajectories of `group` (this process's share),
+        batch by batch in lockstep, stepping every `step_every` batches."""
+        config = self.config
+        share = config.trajectories_per_step // self.ranks.size
+        first = group * config.trajectories_per_step + self.ranks.rank * share
+        trajectories = [self._start(first + i) for i in range(share)]
+        step_every = config.step_every or config.trajectory_length
         try:
-            for t, indices in enumerate(batches):
-                edits, loss_batch = self.train_examples.batch(indices)
-                captured = capture_gradients(handle, self.module_names, batch_tokens(handle, edits))
-                history.appendleft(loss_batch)
-                reference = locality_log_probs(handle, history)
-                original_reference = None
-                if config.drift_weight:
-                    original.appendleft(self._original_log_probs(loss_batch))
-                    original_reference = torch.cat(list(original))
-                deltas = network.deltas(captured, None if held is None else held.precisions)
-                add_weight_deltas(handle, {n: d.detach() for n, d in deltas.items()})
-                if held is not None:
-                    held.hold(keys_of(captured))
-                parts, grads = weight_gradients(
-                    handle,
-                    self.module_names,
-                    lambda reference=reference, original_reference=original_reference: (
-                        weighted_loss(
-                            handle,
-                            history,
-                            weights[: len(history)],
-                            reference,
-                            config.locality_weight,
-                            original_reference,
-                            config.drift_weight,
-                        )
-                    ),
-                )
-                scale = config.discount**t
-                l2 = sum(float(d.detach().pow(2).sum()) for d in deltas.values())
-                torch.autograd.backward(
-                    [deltas[n] for n in self.module_names],
-                    [
-                        scale * (grads[n] + 2 * config.l2_weight * deltas[n].detach())
-                        for n in self.module_names
-                    ],
-                )
-                totals["rephrase"] += parts.rephrase
-                totals["locality"] += parts.locality
-                totals["drift"] += parts.drift
-                totals["l2"] += l2
-                if (t + 1) % step_every == 0 or t + 1 == len(batches):
-                    torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.steps_done += 1
+            for t in range(config.trajectory_length):
+                for trajectory in trajectories:
+                    self._edit_and_judge(trajectory, t)
+                if (t + 1) % step_every == 0 or t + 1 == config.trajectory_length:
+                    self._step()
                     on_step()
         finally:
             self._restore()
-        self.trajectories_done += 1
-        self.losses.append(
-            {"step": self.steps_done, **{k: v / len(batches) for k, v in totals.items()}}
-        )
+        self.trajectories_done += config.trajectories_per_step
+        own = [
+            {k: v / config.trajectory_length for k, v in trajectory.totals.items()}
+            for trajectory in trajectories
+        ]
+        for losses in gathered(own, self.ranks):
+            self.losses.extend({"step": self.steps_done, **record} for record in losses)
 
     # --- the loop, checkpoints, validation
 
@@ -309,7 +374,9 @@ class HypernetTrainer:
         }
 
     def save(self) -> None:
-        save_checkpoint(self.out, self.network, self.meta(), self.optimizer)
+        """Write the checkpoint (the main process only; the others hold the same)."""
+        if self.ranks.main:
+            save_checkpoint(self.out, self.network, self.meta(), self.optimizer)
 
     def resume(self) -> None:
         """Continue from the checkpoint in `out`; model, data and settings must match."""
@@ -326,7 +393,7 @@ class HypernetTrainer:
             f.name
             for f in fields(self.config)
             if f.name not in ignored
-            and meta["train_config"].get(f.name) != getattr(self.config, f.name)
+            and meta["train_config"].get(f.name, f.default) != getattr(self.config, f.name)
         ]
         if changed:
             raise CheckpointError(
@@ -342,22 +409,28 @@ class HypernetTrainer:
 
     def train(self) -> None:
         config = self.config
-        trajectories = math.ceil(config.steps / config.steps_per_trajectory)
+        groups = math.ceil(config.steps / config.steps_per_trajectory)
         save_every = max(1, config.checkpoint_every // config.steps_per_trajectory)
         if self.steps_done == 0:
+            # The main process first, so that it alone computes and caches key statistics.
+            if not self.ranks.main:
+                barrier(self.ranks)
             self._warm_up()
+            if self.ranks.main:
+                barrier(self.ranks)
         self.network.train()
         description = f"{self.method}: training"
         with progress.task(description, total=config.steps, completed=self.steps_done) as task:
-            while self.trajectories_done < trajectories:
+            while self.trajectories_done < groups * config.trajectories_per_step:
+                group = self.trajectories_done // config.trajectories_per_step
                 started = time.perf_counter()
-                self._run_trajectory(self.trajectories_done, task.advance)
+                self._run_group(group, task.advance)
                 self.elapsed_s += time.perf_counter() - started
                 last = self.losses[-1]
                 task.update(
                     status=f"rephrase {last['rephrase']:.3f} locality {last['locality']:.4f}"
                 )
-                if self.trajectories_done % save_every == 0:
+                if (group + 1) % save_every == 0:
                     self.save()
         self.network.eval()
         self.save()

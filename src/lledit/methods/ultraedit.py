@@ -33,6 +33,7 @@ from lledit.data.request import EditRequest
 from lledit.edit import HeldBatches, WeightDelta, apply_weight_deltas
 from lledit.hypernet.capture import capture_gradients
 from lledit.model import ModelHandle, edit_batch
+from lledit.moments import Moments, feature_moments, merged_moments
 
 EPSILON = torch.finfo(torch.float32).eps
 """Added to every feature's spread before dividing by it."""
@@ -59,36 +60,11 @@ class UltraEditConfig:
         checks.positive(self, "lr", "ridge")
 
 
-Statistics = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""(count, mean, sum of squared deviations) of each feature, float64."""
-
 PARTS = ("count", "mean", "squares")
-"""How a batch's `Statistics` are named in what a journal keeps of it."""
+"""How a batch's `Moments` are named in what a journal keeps of it."""
 
 
-def feature_statistics(features: torch.Tensor) -> Statistics:
-    """The statistics of (rows, features) on their own."""
-    features = features.double()
-    mean = features.mean(dim=0)
-    squares = ((features - mean) ** 2).sum(dim=0)
-    count = torch.tensor(float(features.shape[0]), dtype=torch.float64, device=features.device)
-    return count, mean, squares
-
-
-def merged_statistics(first: Statistics | None, second: Statistics) -> Statistics:
-    """The statistics of two sets of rows together (Chan et al.'s pairwise update)."""
-    if first is None:
-        return second
-    count_a, mean_a, squares_a = first
-    count_b, mean_b, squares_b = (part.to(mean_a.device) for part in second)
-    count = count_a + count_b
-    shift = mean_b - mean_a
-    mean = mean_a + shift * count_b / count
-    squares = squares_a + squares_b + shift**2 * count_a * count_b / count
-    return count, mean, squares
-
-
-def normalised(features: torch.Tensor, statistics: Statistics) -> torch.Tensor:
+def normalised(features: torch.Tensor, statistics: Moments) -> torch.Tensor:
     """(features - mean) / (spread + ε), with the spread the sample standard deviation."""
     count, mean, squares = statistics
     spread = (squares / (count - 1).clamp(min=1)).sqrt()
@@ -106,7 +82,7 @@ class UltraEdit:
         self.handle = handle
         self.config = config or UltraEditConfig()
         self.modules = handle.edited_modules(self.config.layers, self.config.part, "upper")
-        self.statistics: dict[str, Statistics] = {}
+        self.statistics: dict[str, Moments] = {}
         """Per module, the statistics of every held batch's features together."""
         self._held = HeldBatches(self._no_statistics, self._add)
         """Each held batch's own statistics, per module, in the order applied."""
@@ -118,7 +94,7 @@ class UltraEdit:
         return {**asdict(self.config), "modules": self.modules}
 
     @torch.no_grad()
-    def _shift(self, keys: torch.Tensor, value_grads: torch.Tensor, stats: Statistics):
+    def _shift(self, keys: torch.Tensor, value_grads: torch.Tensor, stats: Moments):
         """ΔW (d_out, d_in) mapping each key to its pseudo value."""
         features = normalised(torch.cat([keys, value_grads], dim=-1), stats)
         keys_hat, grads_hat = features.split([keys.shape[1], value_grads.shape[1]], dim=-1)
@@ -136,9 +112,9 @@ class UltraEdit:
         deltas, held = {}, {}
         for name in self.modules:
             keys, value_grads = captured[name].keys, captured[name].value_grads
-            own = feature_statistics(torch.cat([keys, value_grads], dim=-1))
+            own = feature_moments(torch.cat([keys, value_grads], dim=-1))
             held |= {f"{name}.{part}": value for part, value in zip(PARTS, own, strict=True)}
-            stats = merged_statistics(self.statistics.get(name), own)
+            stats = merged_moments(self.statistics.get(name), own)
             deltas[name] = self._shift(keys, value_grads, stats)
         hold = functools.partial(self.hold, requests=batch)
         return apply_weight_deltas(self.handle, deltas, held=held, hold=hold)
@@ -157,4 +133,4 @@ class UltraEdit:
     def _add(self, held: dict[str, torch.Tensor]) -> None:
         for name in self.modules:
             own = tuple(held[f"{name}.{part}"] for part in PARTS)
-            self.statistics[name] = merged_statistics(self.statistics.get(name), own)
+            self.statistics[name] = merged_moments(self.statistics.get(name), own)
