@@ -1,0 +1,155 @@
+"""Long streams: each method's edit time and memory per batch as the edits pile up.
+
+Each method (in a process of its own, so that memory is its own) edits the
+CounterFact eval split in batches of 10 on the default model, through a
+journal, until `--edits` are applied or its time budget is spent; per batch
+it records the seconds the batch took, the process's resident memory and the
+journal's size on disk. Writes `OUT/<method>.json` per method and
+`OUT/long_stream.png` (batch time, memory and journal size against edits
+applied), and prints the table for docs/scaling.md: how far each method got,
+the median batch time over its first 1000 edits, the median over its last 10
+batches, their ratio, and its memory growth.
+
+Run: `python benchmarks/long_stream.py [--methods ft,grace] [--budget-min 30]
+[--edits 10000] [--checkpoint rledit=runs/ckpt/rledit] [--out runs/long_stream]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 10
+
+
+def resident_mib() -> float:
+    """This process's resident memory now (Linux), else its peak so far."""
+    statm = Path("/proc/self/statm")
+    if statm.exists():
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def run_one(method: str, edits: int, budget_s: float, checkpoint: str | None, out: Path) -> None:
+    """One method's stream, written to OUT/<method>.json after every batch."""
+    from lledit import load_dataset, load_model, make_editor
+    from lledit.journal import Journal, JournaledModel
+
+    handle = load_model()
+    editor = make_editor(method, handle, **({"checkpoint": checkpoint} if checkpoint else {}))
+    requests = load_dataset("counterfact", "eval", limit=edits).requests
+    database = out / f"{method}.db"
+    for stale in out.glob(f"{method}.db*"):
+        stale.unlink()
+    record: dict = {"method": method, "budget_s": budget_s, "batches": []}
+    started = time.perf_counter()
+    with Journal(database) as journal:
+        edited = JournaledModel(handle, journal, editor)
+        for start in range(0, len(requests), BATCH):
+            batch_started = time.perf_counter()
+            edited.apply(requests[start : start + BATCH])
+            seconds = time.perf_counter() - batch_started
+            on_disk = sum(path.stat().st_size for path in out.glob(f"{method}.db*"))
+            record["batches"].append(
+                {
+                    "edits": start + BATCH,
+                    "seconds": seconds,
+                    "resident_mib": resident_mib(),
+                    "journal_mib": on_disk / 2**20,
+                }
+            )
+            (out / f"{method}.json").write_text(json.dumps(record, indent=1) + "\n")
+            if time.perf_counter() - started > budget_s:
+                break
+
+
+def summary(record: dict) -> list[str]:
+    batches = record["batches"]
+    first = [b["seconds"] for b in batches if b["edits"] <= 1000]
+    last = [b["seconds"] for b in batches[-10:]]
+    growth = batches[-1]["resident_mib"] - batches[0]["resident_mib"]
+    return [
+        record["method"],
+        str(batches[-1]["edits"]),
+        f"{statistics.median(first):.2f}",
+        f"{statistics.median(last):.2f}",
+        f"{statistics.median(last) / statistics.median(first):.2f}",
+        f"{batches[0]['resident_mib']:.0f} → {batches[-1]['resident_mib']:.0f} (+{growth:.0f})",
+        f"{batches[-1]['journal_mib']:.1f}",
+    ]
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for record in records:
+        edits = [b["edits"] for b in record["batches"]]
+        for axis, key in zip(axes, ("seconds", "resident_mib", "journal_mib"), strict=True):
+            axis.plot(edits, [b[key] for b in record["batches"]], label=record["method"])
+    titles = ("seconds per batch of 10", "resident memory (MiB)", "journal on disk (MiB)")
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_title(title)
+        axis.set_xlabel("edits applied")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--methods", default="ft,memit,alphaedit,ultraedit,locft,grace,elder,memoir"
+    )
+    parser.add_argument("--checkpoint", action="append", default=[], help="METHOD=DIR")
+    parser.add_argument("--edits", type=int, default=10000)
+    parser.add_argument("--budget-min", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "long_stream")
+    parser.add_argument("--only-report", action="store_true", help="Table and plot only.")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    checkpoints = dict(item.split("=", 1) for item in arguments.checkpoint)
+    if arguments.one:
+        budget = arguments.budget_min * 60
+        run_one(
+            arguments.one, arguments.edits, budget, checkpoints.get(arguments.one), arguments.out
+        )
+        return
+    methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
+    if not arguments.only_report:
+        for method in methods:
+            command = [sys.executable, __file__, "--one", method, "--edits", str(arguments.edits)]
+            command += ["--budget-min", str(arguments.budget_min), "--out", str(arguments.out)]
+            command += [f"--checkpoint={item}" for item in arguments.checkpoint]
+            subprocess.run(command, check=True)
+    records = [
+        json.loads((arguments.out / f"{m}.json").read_text())
+        for m in methods
+        if (arguments.out / f"{m}.json").exists()
+    ]
+    plot(records, arguments.out / "long_stream.png")
+    header = ["method", "edits reached", "s/batch, first 1000", "s/batch, last 10 batches",
+              "last / first", "resident MiB", "journal MiB"]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for record in records:
+        print("| " + " | ".join(summary(record)) + " |")
+    print(f"plot: {arguments.out / 'long_stream.png'}")
+
+
+if __name__ == "__main__":
+    main()
