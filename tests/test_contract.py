@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import dispatch_model
 from conftest import assert_weights_equal, make_tiny_model, snapshot
 from safetensors.torch import load_file
 
@@ -286,3 +287,68 @@ def test_a_stream_killed_mid_batch_restarts_where_an_uninterrupted_one_ends(
     for request in stream:
         straight.apply([request])
     _assert_same_end(restarted, straight, tmp_path)
+
+
+def _device_map(handle: ModelHandle) -> dict[str, str]:
+    """The model in pieces, each decoder layer its own entry, as a map over GPUs has them
+    (all on the CPU here)."""
+    layers = handle.arch.layers
+    pieces = {f"{layers}.{index}": "cpu" for index in range(handle.num_layers)}
+    base = layers.rpartition(".")[0]
+    for name, _ in handle.module(base).named_children():
+        if f"{base}.{name}" != layers:
+            pieces[f"{base}.{name}"] = "cpu"
+    for name, _ in handle.model.named_children():
+        if name != base:
+            pieces[name] = "cpu"
+    return pieces
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_model_split_by_a_device_map_edits_undoes_and_replays_like_a_whole_one(
+    method, tiny, checkpoints, tmp_path, monkeypatch
+):
+    """Loaded with a device map and wrapped in accelerate's per-layer hooks, as a
+    model split over GPUs is, the model takes a journaled batch, its undo and a
+    restart exactly as the unsplit model does."""
+    monkeypatch.chdir(tmp_path)  # the folder's name is the model's, as the networks expect
+    tiny.model.save_pretrained(tiny.name)
+    tiny.tokenizer.save_pretrained(tiny.name)
+    settings = _settings(method, tiny.arch.name, checkpoints)
+    device_map = _device_map(tiny)
+
+    def split_model() -> ModelHandle:
+        handle = load_model(tiny.name, device_map=device_map)
+        dispatch_model(handle.model, device_map, force_hooks=True)
+        assert hasattr(handle.module(handle.decoder_layer(1)), "_hf_hook")
+        return handle
+
+    def journaled(handle, path):
+        return JournaledModel(handle, Journal(path), make_editor(method, handle, **settings))
+
+    weights, outputs = snapshot(tiny), _outputs(tiny)
+    whole = journaled(tiny, tmp_path / "whole.db")
+    split = journaled(split_model(), tmp_path / "split.db")
+    whole.apply(BATCH)
+    split.apply(BATCH)
+    _assert_same_end(split, whole, tmp_path)
+    split.journal.release_lock()
+    restarted = journaled(split_model(), tmp_path / "split.db")
+    _assert_same_end(restarted, whole, tmp_path)
+    restarted.undo(1)
+    assert_weights_equal(restarted.handle, weights)
+    assert torch.equal(_outputs(restarted.handle), outputs)
+
+
+def test_an_edited_module_offloaded_by_the_device_map_is_refused_by_name(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    device_map = _device_map(tiny)
+    device_map[tiny.decoder_layer(3)] = "disk"
+    handle = load_model(str(tmp_path), device_map=device_map)
+    offloaded = handle.layer_module(3, handle.arch.mlp_out)
+    with pytest.raises(ValueError, match=f"module '{offloaded}' is offloaded by the device map"):
+        make_editor("ft", handle, layers="3")
+    assert make_editor("ft", handle, layers="2").config_dict()["modules"] == [
+        handle.layer_module(2, handle.arch.mlp_out)
+    ]

@@ -71,6 +71,13 @@ ModelOption = Annotated[
     str | None, typer.Option(help="Hugging Face id or local folder; default SmolLM2-135M.")
 ]
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
+DeviceMapOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Split a model too large for one device across the GPUs: 'auto' (accelerate's "
+        "device map, also 'balanced', 'sequential'); replaces --device."
+    ),
+]
 DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 SettingsOption = Annotated[
     list[str] | None,
@@ -198,6 +205,7 @@ def bench(
     ] = None,
     model: ModelOption = None,
     device: DeviceOption = "cpu",
+    device_map: DeviceMapOption = None,
     dtype: DtypeOption = "float32",
     eval_every: Annotated[
         int | None, typer.Option(help="Also evaluate all edits so far every K batches.")
@@ -285,7 +293,13 @@ def bench(
         suite = None if general is None else _general_suite(general, general_items, general_shots)
         results: list = []
         for name in methods:
-            handle = load_model(model, device=device, dtype=dtype, allow_download=allow_download)
+            handle = load_model(
+                model,
+                device=device,
+                dtype=dtype,
+                allow_download=allow_download,
+                device_map=device_map,
+            )
             editor = make_editor(name, handle, **per_method[name])
             results.append(
                 run_lifelong(
@@ -348,6 +362,7 @@ def train(
     ] = 1,
     model: ModelOption = None,
     device: DeviceOption = "cpu",
+    device_map: DeviceMapOption = None,
     settings: SettingsOption = None,
     skip_invalid: SkipInvalidOption = False,
     allow_download: DownloadOption = False,
@@ -370,6 +385,11 @@ def train(
             )
         if nproc > 1 and distributed.launched_by_torchrun():
             raise ValueError("--nproc starts torchrun itself; under torchrun leave it out")
+        if device_map is not None and (nproc > 1 or distributed.launched_by_torchrun()):
+            raise ValueError(
+                "--device-map splits one model over the GPUs; with several "
+                "processes, each holds its own copy on its own device"
+            )
         if config.trajectories_per_step % nproc:
             raise ValueError(
                 f"--nproc {nproc} must divide trajectories_per_step "
@@ -377,7 +397,7 @@ def train(
             )
         dataset = load_edit_dataset(data, split, limit=limit, skip_invalid=skip_invalid)
         arguments = (method, config, dataset.requests, dataset.to_dict(), out)
-        options = (model, device, allow_download, resume)
+        options = (model, device, device_map, allow_download, resume)
         if nproc > 1:
             outcome = distributed.launch(nproc, _train_process, *arguments, *options)[0]
         else:
@@ -405,6 +425,7 @@ def _train_process(
     out: Path,
     model: str | None,
     device: str,
+    device_map: str | None,
     allow_download: bool,
     resume: bool,
 ) -> dict[str, Any] | None:
@@ -414,7 +435,9 @@ def _train_process(
     ranks, device = distributed.start(device)
     try:
         with progress.reporting(ProgressBars(console) if ranks.main else None):
-            handle = load_model(model, device=device, allow_download=allow_download)
+            handle = load_model(
+                model, device=device, allow_download=allow_download, device_map=device_map
+            )
             trainer = HypernetTrainer(
                 handle, method_class(method), config, requests, out, data_info
             )
@@ -439,6 +462,7 @@ def general_command(
         Path | None, typer.Option(help="Score the model as this journal left it.")
     ] = None,
     device: DeviceOption = "cpu",
+    device_map: DeviceMapOption = None,
     dtype: DtypeOption = "float32",
     items: GeneralItemsOption = GeneralConfig.items,
     shots: GeneralShotsOption = GeneralConfig.shots,
@@ -448,7 +472,9 @@ def general_command(
     """Score general abilities (accuracy per task, perplexity) of a model or an edited one."""
     try:
         suite = _general_suite(tasks, items, shots)
-        handle = load_model(model, device=device, dtype=dtype, allow_download=allow_download)
+        handle = load_model(
+            model, device=device, dtype=dtype, allow_download=allow_download, device_map=device_map
+        )
         if journal is not None:
             with _existing_journal(journal) as opened:
                 JournaledModel(handle, opened)
@@ -534,6 +560,7 @@ def _open_journaled(
     method: str,
     model: str | None,
     device: str,
+    device_map: str | None,
     dtype: str,
     settings: list[str] | None,
     allow_download: bool,
@@ -541,7 +568,9 @@ def _open_journaled(
 ) -> JournaledModel:
     """The base model brought to the journal's state, with an editor for new batches."""
     overrides = parse_settings(method, settings or [])
-    handle = load_model(model, device=device, dtype=dtype, allow_download=allow_download)
+    handle = load_model(
+        model, device=device, dtype=dtype, allow_download=allow_download, device_map=device_map
+    )
     editor = make_editor(method, handle, **overrides)
     opened = Journal(journal)
     try:
@@ -559,6 +588,7 @@ def edit(
     batch_size: Annotated[int, typer.Option(help="Edits per batch.")] = 10,
     model: ModelOption = None,
     device: DeviceOption = "cpu",
+    device_map: DeviceMapOption = None,
     dtype: DtypeOption = "float32",
     settings: SettingsOption = None,
     skip_invalid: SkipInvalidOption = False,
@@ -571,7 +601,15 @@ def edit(
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         requests = load_edit_dataset(str(file), skip_invalid=skip_invalid).requests
         edited = _open_journaled(
-            journal, method, model, device, dtype, settings, allow_download, snapshot_every
+            journal,
+            method,
+            model,
+            device,
+            device_map,
+            dtype,
+            settings,
+            allow_download,
+            snapshot_every,
         )
         batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
         with edited.journal, progress.task(f"{method}: editing", total=len(batches)) as task:
@@ -655,6 +693,7 @@ def serve(
     method: Annotated[str, typer.Option("--method", "-m", help="Editing method.")],
     model: ModelOption = None,
     device: DeviceOption = "cpu",
+    device_map: DeviceMapOption = None,
     dtype: DtypeOption = "float32",
     settings: SettingsOption = None,
     host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = (
@@ -693,7 +732,15 @@ def serve(
                 "or --insecure-no-token if that is really what you want"
             )
         edited = _open_journaled(
-            journal, method, model, device, dtype, settings, allow_download, snapshot_every
+            journal,
+            method,
+            model,
+            device,
+            device_map,
+            dtype,
+            settings,
+            allow_download,
+            snapshot_every,
         )
     except USER_ERRORS as error:
         raise _fail(error) from error

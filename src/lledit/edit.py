@@ -235,7 +235,7 @@ def trainable_deltas(handle: ModelHandle, names: Sequence[str]) -> dict[str, tor
     return {
         name: torch.zeros(
             handle.weight_of(name).shape,
-            device=handle.device,
+            device=handle.weight_of(name).device,
             dtype=torch.float32,
             requires_grad=True,
         )

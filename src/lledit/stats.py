@@ -171,7 +171,10 @@ def _collecting(
     def hook_for(moment: _SecondMoment):
         def collect(module, inputs):
             keys = inputs[0]
-            keys = keys[mask["tokens"]] if "tokens" in mask else keys.reshape(-1, keys.shape[-1])
+            if "tokens" in mask:
+                keys = keys[mask["tokens"].to(keys.device)]
+            else:
+                keys = keys.reshape(-1, keys.shape[-1])
             moment.add(keys)
             if all(m.full for m in moments.values()):
                 raise StopForward

@@ -26,7 +26,7 @@ import torch
 
 from lledit.data.datasets import data_dir
 from lledit.eval.scoring import score_pairs
-from lledit.model import ModelHandle
+from lledit.model import ModelHandle, at_positions
 from lledit.tokens import EncodedPair, collate, encode_pairs
 
 
@@ -273,7 +273,8 @@ def perplexity(handle: ModelHandle, sentences: Sequence[str], batch_size: int = 
         hidden = handle.model.base_model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        logits = head(hidden[batch.target_rows, batch.target_positions - 1]).float()
+        selected = at_positions(hidden, batch.target_rows, batch.target_positions - 1)
+        logits = head(selected).float().to(handle.device)
         total -= logits.log_softmax(-1).gather(1, batch.target_ids[:, None]).sum().item()
         tokens += len(batch.target_ids)
     return math.exp(total / tokens)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lledit.model import ModelHandle
+from lledit.model import ModelHandle, at_positions
 from lledit.tokens import TokenBatch
 
 
@@ -55,18 +55,19 @@ def capture_gradients(
     needs a gradient.
     """
     rows, positions = tokens.target_rows, tokens.target_positions - 1
+    device = handle.device  # a sharded model's modules may sit elsewhere
     keys: dict[str, torch.Tensor] = {}
     value_grads: dict[str, torch.Tensor] = {}
     hooks = []
 
     def recorder(name: str):
         def record(module, inputs, output):
-            keys[name] = inputs[0][rows, positions].detach().float()
+            keys[name] = at_positions(inputs[0], rows, positions).detach().float().to(device)
             if not output.requires_grad:
                 output.requires_grad_(True)
 
             def record_grad(grad: torch.Tensor) -> None:
-                value_grads[name] = grad[rows, positions].detach().float()
+                value_grads[name] = at_positions(grad, rows, positions).detach().float().to(device)
 
             output.register_hook(record_grad)
 

@@ -104,11 +104,10 @@ def weight_gradients(
     handle: ModelHandle, module_names: Sequence[str], loss_fn
 ) -> tuple[LossParts, dict[str, torch.Tensor]]:
     """`loss_fn()` and its float32 gradient w.r.t. each named module's (d_out, d_in) weight."""
+    weights = {name: handle.weight_of(name) for name in module_names}
     probes = {
-        name: torch.zeros(
-            handle.weight_of(name).shape, device=handle.device, dtype=handle.dtype
-        ).requires_grad_(True)
-        for name in module_names
+        name: torch.zeros(w.shape, device=w.device, dtype=w.dtype).requires_grad_(True)
+        for name, w in weights.items()
     }
 
     def add_probe(name: str):
@@ -125,4 +124,6 @@ def weight_gradients(
     finally:
         for hook in hooks:
             hook.remove()
-    return parts, {name: grad.float() for name, grad in zip(module_names, grads, strict=True)}
+    return parts, {
+        name: grad.float().to(handle.device) for name, grad in zip(module_names, grads, strict=True)
+    }

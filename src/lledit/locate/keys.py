@@ -17,6 +17,7 @@ from lledit.data.request import EditRequest
 from lledit.model import (
     ModelHandle,
     StopForward,
+    at_positions,
     final_hidden,
     hidden_of,
     rng_devices,
@@ -135,11 +136,12 @@ def keys_and_hidden(
     captured: dict[str, torch.Tensor] = {}
 
     def keep_key(mod, inputs):
-        captured["key"] = inputs[0][rows, contexts.positions].float()
+        captured["key"] = at_positions(inputs[0], rows, contexts.positions).float().to(rows.device)
 
     def keep_hidden(mod, inputs, output):
         hidden = hidden_of(output)
-        captured["hidden"] = hidden[contexts.plain, contexts.positions[contexts.plain]].float()
+        at = at_positions(hidden, contexts.plain, contexts.positions[contexts.plain])
+        captured["hidden"] = at.float().to(rows.device)
         raise StopForward
 
     hooks = [

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lledit.data.request import EditRequest
 from lledit.locate.config import LocateConfig
 from lledit.locate.keys import context_texts, token_positions
-from lledit.model import ModelHandle, final_hidden, hidden_of
+from lledit.model import ModelHandle, at_positions, final_hidden, hidden_of
 from lledit.tokens import EncodedPair, collate, encode_pairs
 
 logger = logging.getLogger(__name__)
@@ -73,16 +73,19 @@ def target_values(
     def add_delta(module, inputs, output):
         hidden = hidden_of(output)
         if "hidden" not in original:
-            original["hidden"] = hidden[plain, positions_t[plain]].detach().float()
-        change = delta[owner_t].to(hidden.dtype)
-        return _with_hidden(output, hidden.index_put((rows, positions_t), change, accumulate=True))
+            at = at_positions(hidden, plain, positions_t[plain])
+            original["hidden"] = at.detach().float().to(device)
+        change = delta[owner_t].to(hidden.device, hidden.dtype)
+        where = (rows.to(hidden.device), positions_t.to(hidden.device))
+        return _with_hidden(output, hidden.index_put(where, change, accumulate=True))
 
     head = handle.model.get_output_embeddings()
     hook = handle.module(handle.decoder_layer(layer)).register_forward_hook(add_delta)
     try:
         for step in range(config.value_steps + 1):
             hidden = final_hidden(handle, tokens)
-            logits = head(hidden[tokens.target_rows, tokens.target_positions - 1]).float()
+            selected = at_positions(hidden, tokens.target_rows, tokens.target_positions - 1)
+            logits = head(selected).float().to(device)
             token_nll = F.cross_entropy(logits, tokens.target_ids, reduction="none")
             row_nll = torch.zeros(rewrites, device=device).index_add(
                 0, tokens.target_rows, token_nll
@@ -90,7 +93,8 @@ def target_values(
             row_nll = row_nll / target_lengths
             loss = row_nll.mean()
             if essence:
-                kl_logprobs = head(hidden[kl_rows, kl_last]).float().log_softmax(-1)
+                kl_logprobs = head(at_positions(hidden, kl_rows, kl_last)).float().to(device)
+                kl_logprobs = kl_logprobs.log_softmax(-1)
                 if "kl" not in original:
                     original["kl"] = kl_logprobs.detach()
                 kl = F.kl_div(kl_logprobs, original["kl"], log_target=True, reduction="batchmean")

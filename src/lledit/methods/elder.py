@@ -302,8 +302,11 @@ class ElderEditor(MemoryEditor):
         self.modules = modules
         self.query_layer = query_layer
         self.deferral_radius = config.deferral_radius
-        self.adapters = adapters.to(handle.device)
-        self.router = nn.Parameter((router / math.sqrt(width)).to(handle.device))
+        self.device = handle.weight_of(modules[0]).device
+        """Where ELDER's adapters, routers and held edits live: its first module's
+        device (the layers of a sharded model may sit on others)."""
+        self.adapters = adapters.to(self.device)
+        self.router = nn.Parameter((router / math.sqrt(width)).to(self.device))
         self._batches: list[_Batch] = []
         self._codes: torch.Tensor | None = None
         query = handle.module(handle.decoder_layer(query_layer))
@@ -377,7 +380,7 @@ class ElderEditor(MemoryEditor):
         batch, length = hidden.shape[:2]
         ends = self._watch.prompt_ends(batch, length, hidden.device)
         queries = hidden[torch.arange(batch, device=hidden.device), ends].float()
-        routing = self._route(queries)
+        routing = self._route(queries.to(self.device))
         if not training:
             codes = allocation_codes(routing.indices, self.config.n_loras)
             within = self._within_radius(codes, stored)
@@ -392,15 +395,16 @@ class ElderEditor(MemoryEditor):
             routing = self.current_routing
             if routing is None:
                 return None
-            x, rows = args[0], routing.rows
+            x, rows = args[0].to(self.device), routing.rows
             indices, weights = routing.indices[:, position], routing.weights[:, position]
             if rows is None:
-                delta = adapter(x.float(), indices, weights)
+                delta = adapter(x.float(), indices, weights).to(output.device)
                 return (output.float() + delta).to(output.dtype)
             if rows.numel() == 0:
                 return None
-            delta = adapter(x[rows].float(), indices[rows], weights[rows])
+            delta = adapter(x[rows].float(), indices[rows], weights[rows]).to(output.device)
             edited = output.clone()
+            rows = rows.to(output.device)
             edited[rows] = (output[rows].float() + delta).to(output.dtype)
             return edited
 
@@ -418,7 +422,7 @@ class ElderEditor(MemoryEditor):
             hidden = hidden_of(output)
             ends = watch.prompt_ends(hidden.shape[0], hidden.shape[1], hidden.device)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            captured.append(hidden[rows, ends].float())
+            captured.append(hidden[rows, ends].float().to(self.device))
 
         query = self.handle.module(self.handle.decoder_layer(self.query_layer))
         hook = query.register_forward_hook(capture)
@@ -442,7 +446,7 @@ class ElderEditor(MemoryEditor):
             torch.rand(shape, generator=replayable_generator(self.config.seed, prompt))
             for prompt in prompts
         ]
-        return torch.stack(draws).argsort(dim=-1)[..., : self.config.top_k].to(self.handle.device)
+        return torch.stack(draws).argsort(dim=-1)[..., : self.config.top_k].to(self.device)
 
     def _rehearsal(
         self, requests: list[EditRequest], allocations: torch.Tensor
@@ -522,7 +526,7 @@ class ElderEditor(MemoryEditor):
 
     def _held_batch(self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]) -> _Batch:
         """The edits (for rehearsal), their allocations and queries, and where rehearsal stands."""
-        device = self.handle.device
+        device = self.device
         return _Batch(
             list(requests),
             held["allocation"].to(device),
@@ -559,7 +563,7 @@ class ElderEditor(MemoryEditor):
     def _held(self) -> tuple[list[EditRequest], torch.Tensor, torch.Tensor]:
         """Every held edit: the requests, their allocations and their queries."""
         if not self._batches:
-            device = self.handle.device
+            device = self.device
             allocations = torch.zeros(0, len(self.layers), self.config.top_k, dtype=torch.long)
             queries = torch.zeros(0, self.router.shape[-1])
             return [], allocations.to(device), queries.to(device)
@@ -616,7 +620,7 @@ class ElderEditor(MemoryEditor):
                 adapter.lora_a.copy_(tensors[f"adapters.{position}.lora_a"])
                 adapter.lora_b.copy_(tensors[f"adapters.{position}.lora_b"])
         if requests:
-            device = self.handle.device
+            device = self.device
             self._batches = [
                 _Batch(
                     requests,

@@ -217,7 +217,7 @@ class GRACE(MemoryEditor):
         self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]
     ) -> _Entries:
         """The batch's entries, which are the whole edit (`requests` are not needed)."""
-        device = self.handle.device
+        device = self.handle.weight_of(self.module_name).device
         return _Entries(*(held[part].to(device) for part in ("keys", "values", "radii")))
 
     def _changed(self) -> None:
@@ -265,5 +265,5 @@ class GRACE(MemoryEditor):
             )
         self._build(config)
         if keys.shape[0]:
-            device = self.handle.device
+            device = self.handle.weight_of(self.module_name).device
             self._batches = [_Entries(keys.to(device), values.to(device), radii.to(device))]

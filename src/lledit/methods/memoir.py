@@ -113,8 +113,9 @@ class MEMOIR(MemoryEditor):
         self._layer = handle.layer_of(module_name)
         self.active = max(1, round(config.active * d_in))
         """k: the memory columns one mask holds."""
-        self.memory = nn.Parameter(torch.zeros(d_out, d_in, device=handle.device))
-        self.permutation = torch.randperm(d_in, generator=generator).to(handle.device)
+        device = handle.weight_of(module_name).device
+        self.memory = nn.Parameter(torch.zeros(d_out, d_in, device=device))
+        self.permutation = torch.randperm(d_in, generator=generator).to(device)
         self._batches: list[_Masks] = []
         self._stored: torch.Tensor | None = None
         self._attach([handle.module(module_name).register_forward_hook(self._on_module)])
@@ -234,7 +235,7 @@ class MEMOIR(MemoryEditor):
 
     def _held_batch(self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]) -> _Masks:
         """The batch's masks (`requests` are not needed)."""
-        return _Masks(held["masks"].to(self.handle.device).bool())
+        return _Masks(held["masks"].to(self.memory.device).bool())
 
     # Saving ------------------------------------------------------------------------------------
 
