@@ -1,0 +1,230 @@
+"""Peak memory and edit time of every method at Llama-3-8B's layer shapes, on few layers.
+
+Builds a randomly initialised Llama with Llama-3-8B's shapes (hidden 4096,
+MLP 14336, 32 heads with 8 KV heads, vocabulary 128256) but only `--layers`
+decoder layers, and applies `--batches` batches of 10 zsRE edits with each
+method, each method in a process of its own and time-boxed (`--budget-s`).
+Reports per method: the peak memory (resident set on the CPU,
+`max_memory_allocated` on CUDA), the median seconds per edit against one
+forward and backward pass of the same model on the same batch, and the peak
+extrapolated to the full 32 layers:
+
+    peak(32) ≈ base(L) + (32 - L) · one layer's weights
+               + (peak(L) - base(L)) · edited layers at 32 / edited layers at L
+
+where base(L) is the process's memory with the model loaded and one forward
+and backward pass done, before the method exists: what a method adds is
+taken to grow with the number of layers it edits, which its default band
+sets (at 32 layers as on the full model). The hypernetwork methods edit with
+an untrained network of their default size, which costs what a trained one
+does. Settings that only change how long statistics take to gather
+(`stats_samples`) are lowered; they do not change any tensor's size.
+
+Run: `python benchmarks/scale.py [--methods ft,memit] [--layers 8] [--device cuda]
+[--dtype bfloat16] [--batches 3] [--budget-s 900]`; `--tiny` checks the script on
+small shapes in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 224,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,
+    "rope_theta": 10000.0,
+}
+FULL_LAYERS = 32
+QUICK = {
+    "memit": {"stats_samples": 2000},
+    "alphaedit": {"stats_samples": 2000},
+    "rledit": {"key_samples": 2000},
+}
+"""Fewer keys for the statistics: the same tensors, gathered sooner."""
+BATCH = 10
+
+
+def memory_mib(device: torch.device) -> float:
+    """Peak memory so far: CUDA's allocator on a GPU, the resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def build(shapes: dict, layers: int, device: str, dtype: str):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lledit.model import ModelHandle, default_model_folder, resolve_dtype
+
+    config = LlamaConfig(**shapes, num_hidden_layers=layers, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(resolve_dtype(dtype))  # built in its dtype, never twice over
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_folder(), local_files_only=True)
+    return ModelHandle(model, tokenizer, f"llama3-8b-shapes-{layers}-layers")
+
+
+def editor_for(method: str, handle):
+    from lledit.hypernet import Hypernetwork
+    from lledit.hypernet.config import edited_modules
+    from lledit.methods import METHODS, make_editor, train_config_class
+
+    settings = QUICK.get(method, {})
+    editor_class = METHODS[method]
+    if "checkpoint" in editor_class.config_class.__dataclass_fields__:
+        train_config = train_config_class(method)()
+        network = Hypernetwork(
+            edited_modules(handle, train_config),
+            train_config.rank,
+            train_config.n_blocks,
+            editor_class.update_rule,
+            key_ridge=train_config.key_ridge,
+        ).to(handle.device)
+        return editor_class.from_network(handle, network)
+    return make_editor(method, handle, **settings)
+
+
+def forward_backward_seconds(handle, requests) -> float:
+    """One forward and backward pass over a batch's prompts and targets, the
+    gradient taken down to the input embeddings (no weight gradients, whose
+    memory would swamp what the methods add)."""
+    from lledit.model import edit_batch
+
+    tokens = edit_batch(handle, [r.prompt for r in requests], [r.target_new for r in requests])
+    embeddings = handle.model.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_())
+    started = time.perf_counter()
+    try:
+        with torch.enable_grad():
+            handle.target_logits(tokens).logsumexp(-1).sum().backward()
+    finally:
+        hook.remove()
+    return time.perf_counter() - started
+
+
+def run_one(method: str, arguments) -> dict:
+    from lledit import load_dataset
+    from lledit.layers import default_layers
+
+    shapes = TINY if arguments.tiny else LLAMA3_8B
+    handle = build(shapes, arguments.layers, arguments.device, arguments.dtype)
+    device = handle.device
+    requests = load_dataset("zsre", "eval").requests[: BATCH * arguments.batches]
+    base = memory_mib(device)
+    editor = editor_for(method, handle)
+    editor.prepare()
+    per_edit = []
+    budget_started = time.perf_counter()
+    for start in range(0, len(requests), BATCH):
+        batch_started = time.perf_counter()
+        editor.apply(requests[start : start + BATCH])
+        per_edit.append((time.perf_counter() - batch_started) / BATCH)
+        if time.perf_counter() - budget_started > arguments.budget_s:
+            break
+    peak = memory_mib(device)
+    forward_backward_s = forward_backward_seconds(handle, requests[:BATCH])
+    modules = editor.config_dict().get("modules", [])
+    edited = len({handle.layer_of(name) for name in modules})
+    layer_bytes = sum(
+        p.numel() * p.element_size() for p in handle.module(handle.decoder_layer(0)).parameters()
+    )
+    band_at_full = edited
+    if edited > 1:  # a band of layers, as wide at 32 layers as its default there
+        lowest = min(handle.layer_of(name) for name in modules)
+        band = "upper" if lowest >= default_layers(arguments.layers, "upper")[0] else "lower"
+        band_at_full = len(default_layers(FULL_LAYERS, band))
+    added = peak - base
+    full = base + (FULL_LAYERS - arguments.layers) * layer_bytes / 2**20
+    full += added * (band_at_full / edited if edited else 1.0)
+    return {
+        "method": method,
+        "device": str(device),
+        "dtype": arguments.dtype,
+        "layers": arguments.layers,
+        "batches": len(per_edit),
+        "edited_layers": edited,
+        "edited_layers_at_32": band_at_full,
+        "forward_backward_s": forward_backward_s,
+        "per_edit_s": statistics.median(per_edit),
+        "base_mib": base,
+        "peak_mib": peak,
+        "full_32_layers_mib": full,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=None, help="Comma-separated; default every one.")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=900.0)
+    parser.add_argument("--tiny", action="store_true", help="Small shapes: check the script.")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scale")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    if arguments.one:
+        result = run_one(arguments.one, arguments)
+        (arguments.out / f"{arguments.one}.json").write_text(json.dumps(result, indent=1) + "\n")
+        return
+    from lledit.methods import METHODS
+
+    methods = (arguments.methods or ",".join(m for m in METHODS if m != "none")).split(",")
+    passed = [f"--layers={arguments.layers}", f"--device={arguments.device}",
+              f"--dtype={arguments.dtype}", f"--batches={arguments.batches}",
+              f"--budget-s={arguments.budget_s}", f"--out={arguments.out}"]  # fmt: skip
+    passed += ["--tiny"] if arguments.tiny else []
+    for method in methods:
+        command = [sys.executable, __file__, *passed, "--one", method.strip()]
+        finished = subprocess.run(command, env=os.environ, check=False)
+        if finished.returncode:
+            print(f"{method}: failed (exit {finished.returncode})")
+    header = ["method", "edited layers (at 32)", "peak MiB", "s/edit", "s/edit ÷ fwd+bwd",
+              "32-layer peak GiB"]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for method in methods:
+        path = arguments.out / f"{method.strip()}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        ratio = r["per_edit_s"] / r["forward_backward_s"]
+        print(
+            f"| {r['method']} | {r['edited_layers']} ({r['edited_layers_at_32']}) | "
+            f"{r['peak_mib']:.0f} | {r['per_edit_s']:.2f} | {ratio:.1f} | "
+            f"{r['full_32_layers_mib'] / 1024:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
