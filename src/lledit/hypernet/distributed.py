@@ -51,12 +51,17 @@ def launched_by_torchrun() -> bool:
 
 def start(device: str) -> tuple[Ranks, str]:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and return this
-    process's ranks and device: `cuda:LOCAL_RANK` when `device` is CUDA."""
+    process's ranks and device: `cuda:LOCAL_RANK` when `device` is CUDA; on the
+    CPU, the machine's cores shared out among its processes."""
     if not launched_by_torchrun():
         return Ranks(), device
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # The processes on one machine share its cores rather than each taking all.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Ranks.current(), device
