@@ -4,10 +4,12 @@ without EOS appended to the targets.
 
 Each run (default model, 1000 edits in batches of 10) is written to
 `RUNS/<dataset>/<method>[+eos]/results.json` and skipped when that file
-exists, so the table can be built over several sittings. Methods that need a
-trained network take it from `--checkpoint METHOD=DIR` and are left out
-without one. Then `docs/results.md` and `docs/results.json` are rebuilt from
-every finished run.
+exists, so the table can be built over several sittings (a method that
+appends EOS itself, as LocFT-BF does, is run as it is and, for the
+comparison, without it: `<method>-eos`). Methods that need a trained
+network take it from `--checkpoint METHOD=DIR` and are left out without
+one. Then `docs/results.md` and `docs/results.json` are rebuilt from every
+finished run.
 
 Run: `python benchmarks/results_table.py [--runs runs/results] [--datasets zsre]
 [--methods ft,grace] [--checkpoint rledit=runs/ckpt/rledit] [--only-docs]`.
@@ -55,33 +57,47 @@ def run_missing(
                 logging.warning("%s: no --checkpoint given, left out", method)
                 continue
             settings = {"checkpoint": checkpoints[method]} if needs_network else {}
-            # The unedited reference writes no targets, so EOS changes nothing for it.
-            for append_eos in (False,) if method == "none" else (False, True):
-                out = runs / dataset_name / (method + ("+eos" if append_eos else ""))
+            for suffix in _variants(method):
+                out = runs / dataset_name / (method + suffix)
                 if (out / "results.json").exists():
                     continue
+                append_eos = suffix == "+eos"
+                variant = {"append_eos": False} if suffix == "-eos" else {}
                 handle = load_model()
                 before = None
-                if not append_eos:
+                if not suffix:
                     if not before_file.exists():
                         before_file.write_text(json.dumps(score_general(handle, suite)))
                     before = json.loads(before_file.read_text())
                 result = run_lifelong(
                     handle,
-                    make_editor(method, handle, **settings),
+                    make_editor(method, handle, **settings, **variant),
                     dataset.requests,
                     BATCH,
                     style=dataset.style,
                     dataset=dataset.to_dict(),
-                    # With EOS only the answers can change: the strict answer rate is the point.
-                    scoring="answer" if append_eos else "both",
+                    # The variant is there for the strict answer rate: answers only.
+                    scoring="answer" if suffix else "both",
                     append_eos=append_eos,
-                    general=None if append_eos else suite,
+                    general=None if suffix else suite,
                     general_before=before,
                 )
                 out.mkdir(parents=True, exist_ok=True)
                 result.save(out / "results.json")
                 logging.warning("%s: %s", out, result.metrics)
+
+
+def _appends_eos_itself(method: str) -> bool:
+    return bool(getattr(METHODS[method].config_class(), "append_eos", False))
+
+
+def _variants(method: str) -> tuple[str, ...]:
+    """The runs of a method: as it is, and with EOS appended to the targets
+    while editing (`+eos`), or without it for a method that appends it itself
+    (`-eos`). The unedited reference writes no targets: one run."""
+    if method == "none":
+        return ("",)
+    return ("", "-eos") if _appends_eos_itself(method) else ("", "+eos")
 
 
 def _cell(result: LifelongResult | None, name: str) -> str:
@@ -97,7 +113,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def write_docs(runs: Path) -> None:
     """docs/results.md and docs/results.json from every finished run under `runs`."""
-    results = [LifelongResult.load(path) for path in sorted(runs.glob("*/*/results.json"))]
+    paths = sorted(runs.glob("*/*/results.json"))
+    results = [LifelongResult.load(path) for path in paths]
+    variant_of = {
+        id(result): path.parent.name.removeprefix(result.method)
+        for result, path in zip(results, paths, strict=True)
+    }
     records = [
         {
             "method": result.method,
@@ -130,10 +151,15 @@ def write_docs(runs: Path) -> None:
         "unedited model's). See `docs/evaluation.md`.",
     ]
     for dataset in (f"{name}/eval" for name in DATASETS):
-        plain = {r.method: r for r in results if r.dataset.get("name") == dataset
-                 and not r.protocol.get("append_eos")}  # fmt: skip
-        eos = {r.method: r for r in results if r.dataset.get("name") == dataset
-               and r.protocol.get("append_eos")}  # fmt: skip
+        of_dataset = [r for r in results if r.dataset.get("name") == dataset]
+        by_variant = {
+            suffix: {r.method: r for r in of_dataset if variant_of[id(r)] == suffix}
+            for suffix in ("", "+eos", "-eos")
+        }
+        plain = by_variant[""]
+        # With and without EOS while editing: the method as it is on the side it takes.
+        eos = by_variant["+eos"] | {m: r for m, r in plain.items() if _appends_eos_itself(m)}
+        no_eos = by_variant["-eos"] | {m: r for m, r in plain.items() if not _appends_eos_itself(m)}
         if not plain and not eos:
             continue
         methods = [m for m in METHODS if m in plain or m in eos]
@@ -151,7 +177,7 @@ def write_docs(runs: Path) -> None:
                   "generalization_em +eos", "locality_same", "locality_same +eos"]  # fmt: skip
         rows = []
         for method in methods:
-            runs_of_method = (plain.get(method), eos.get(method))
+            runs_of_method = (no_eos.get(method), eos.get(method))
             cells = [
                 _cell(run, name)
                 for name in ("efficacy_em", "generalization_em", "locality_same")
