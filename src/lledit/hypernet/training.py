@@ -102,10 +102,11 @@ class _Examples:
 @dataclass
 class _Trajectory:
     """One trajectory under way: its batches, what its losses look back on, and
-    the edited weights as its batches so far left them."""
+    the edited weights as its batches so far left them (None while it runs
+    alone on this process: the model holds them)."""
 
     batches: list[list[int]]
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None
     held: HeldKeys | None
     history: deque[LossBatch]
     original: deque[torch.Tensor]
@@ -258,14 +259,14 @@ class HypernetTrainer:
             for name, weight in edited.items():
                 self.handle.weight_of(name).copy_(weight)
 
-    def _start(self, trajectory: int) -> _Trajectory:
+    def _start(self, trajectory: int, alone: bool) -> _Trajectory:
         config = self.config
         held = None
         if config.earlier_keys_weight:
             held = HeldKeys(self.network, config.earlier_keys_weight, self.handle.device)
         return _Trajectory(
             batches=self._trajectory_batches(trajectory),
-            weights=dict(self.original),
+            weights=None if alone else dict(self.original),
             held=held,
             history=deque(maxlen=config.backtrack_depth),
             original=deque(maxlen=config.backtrack_depth),
@@ -275,9 +276,10 @@ class HypernetTrainer:
         """Batch t of `trajectory`: edit with the current network, judge, and add the
         gradient of the judgement to the network's."""
         config, network, handle = self.config, self.network, self.handle
-        with torch.no_grad():
-            for name, weight in trajectory.weights.items():
-                handle.weight_of(name).copy_(weight)
+        if trajectory.weights is not None:
+            with torch.no_grad():
+                for name, weight in trajectory.weights.items():
+                    handle.weight_of(name).copy_(weight)
         edits, loss_batch = self.train_examples.batch(trajectory.batches[t])
         captured = capture_gradients(handle, self.module_names, batch_tokens(handle, edits))
         history = trajectory.history
@@ -314,7 +316,10 @@ class HypernetTrainer:
                 for n in self.module_names
             ],
         )
-        trajectory.weights = {n: handle.weight_of(n).detach().clone() for n in self.module_names}
+        if trajectory.weights is not None:
+            trajectory.weights = {
+                n: handle.weight_of(n).detach().clone() for n in self.module_names
+            }
         totals = trajectory.totals
         totals["rephrase"] += parts.rephrase
         totals["locality"] += parts.locality
@@ -338,7 +343,7 @@ class HypernetTrainer:
         config = self.config
         share = config.trajectories_per_step // self.ranks.size
         first = group * config.trajectories_per_step + self.ranks.rank * share
-        trajectories = [self._start(first + i) for i in range(share)]
+        trajectories = [self._start(first + i, alone=share == 1) for i in range(share)]
         step_every = config.step_every or config.trajectory_length
         try:
             for t in range(config.trajectory_length):
