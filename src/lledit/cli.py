@@ -27,6 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from lledit import progress
 from lledit.data import DataFileError, InvalidEditError, UnknownDatasetError, list_datasets
 from lledit.data import load_dataset as load_edit_dataset
+from lledit.data.request import EditRequest
 from lledit.edit import NonFiniteUpdateError
 from lledit.eval import console_table, markdown_table, plot_curves, run_lifelong
 from lledit.eval.general import (
@@ -45,7 +46,7 @@ from lledit.eval.report import (
     plot_retention_by_age,
 )
 from lledit.export import export_journal
-from lledit.hypernet import CheckpointError, distributed
+from lledit.hypernet import CheckpointError, HypernetTrainConfig, distributed
 from lledit.hypernet.training import HypernetTrainer
 from lledit.journal import SNAPSHOT_EVERY, UNDONE, Journal, JournaledModel, JournalError
 from lledit.methods import (
@@ -402,9 +403,7 @@ def train(
             outcome = distributed.launch(nproc, _train_process, *arguments, *options)[0]
         else:
             outcome = _train_process(*arguments, *options)
-    except USER_ERRORS as error:
-        raise _fail(error) from error
-    except ChildFailedError as error:
+    except (*USER_ERRORS, ChildFailedError) as error:
         raise _fail(error) from error
     if outcome is None:
         return
@@ -419,8 +418,8 @@ def train(
 
 def _train_process(
     method: str,
-    config: Any,
-    requests: list,
+    config: HypernetTrainConfig,
+    requests: list[EditRequest],
     data_info: dict[str, Any],
     out: Path,
     model: str | None,
