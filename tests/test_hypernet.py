@@ -1106,11 +1106,12 @@ def test_cli_trains_resumes_and_benches_a_tiny_model(tokenizer, tmp_path):
 
 
 def test_two_processes_train_the_network_one_process_trains_and_resume_across_them(
-    tokenizer, tmp_path
+    tokenizer, tmp_path, monkeypatch
 ):
     """`--nproc 2` (two gloo processes, one trajectory each) trains the network that
     one process trains with the same global batch of two trajectories, and a run
     begun on two processes resumes on one as if it had never stopped."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # seen by the workers too
     model_dir = tmp_path / "model"
     make_tiny_model("llama", len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
