@@ -124,3 +124,18 @@ def test_by_age_groups_edits_oldest_first():
     assert by_age(result, "efficacy") == [0.0] * 5 + [1.0] * 5
     assert by_age(result, "efficacy_em") == [None] * 10
     assert by_age(result, "efficacy", bins=4) == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_run_labels_mark_how_eos_was_used_while_editing():
+    from lledit.eval.report import run_label
+
+    def labelled(method_config, protocol):
+        result = LifelongResult(
+            method="locft", method_config=method_config, model="x", dataset={}, n_edits=1,
+            batch_size=1, seed=0, metrics={}, timing={}, peak_memory_mb=0.0, protocol=protocol,
+        )  # fmt: skip
+        return run_label(result)
+
+    assert labelled({"append_eos": True}, {}) == "locft"
+    assert labelled({"append_eos": False}, {}) == "locft-eos"
+    assert labelled({}, {"append_eos": True, "chat_template": True}) == "locft+eos+chat"

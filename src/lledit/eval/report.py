@@ -26,10 +26,13 @@ def _metric_columns(results: Sequence[LifelongResult]) -> list[str]:
 
 
 def run_label(result: LifelongResult) -> str:
-    """The method, marked with the protocol options that change what it wrote."""
+    """The method, marked with the protocol options that change what it wrote
+    (and `-eos` for a method that appends EOS itself, run without it)."""
     label = result.method
     if result.protocol.get("append_eos"):
         label += "+eos"
+    elif result.method_config.get("append_eos") is False:
+        label += "-eos"
     if result.protocol.get("chat_template"):
         label += "+chat"
     return label
