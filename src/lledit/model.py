@@ -280,7 +280,14 @@ class ModelHandle:
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).last_hidden_state
-        selected = at_positions(hidden, batch.target_rows, batch.target_positions - 1)
+        return self.logits_at(hidden, batch.target_rows, batch.target_positions - 1)
+
+    def logits_at(
+        self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The output head's float32 logits of final hidden states at (rows,
+        positions) alone, on the input device (the head may sit on another)."""
+        selected = at_positions(hidden, rows, positions)
         return self.model.get_output_embeddings()(selected).float().to(self.device)
 
 

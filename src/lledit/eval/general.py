@@ -26,7 +26,7 @@ import torch
 
 from lledit.data.datasets import data_dir
 from lledit.eval.scoring import score_pairs
-from lledit.model import ModelHandle, at_positions
+from lledit.model import ModelHandle
 from lledit.tokens import EncodedPair, collate, encode_pairs
 
 
@@ -265,7 +265,6 @@ def perplexity(handle: ModelHandle, sentences: Sequence[str], batch_size: int = 
     if not encoded:
         raise ValueError("no sentence of two or more tokens to take perplexity on")
     total, tokens = 0.0, 0
-    head = handle.model.get_output_embeddings()
     for start in range(0, len(encoded), batch_size):
         # Every token after the first is a "target": collate locates them all.
         pairs = [EncodedPair(ids, 1) for ids in encoded[start : start + batch_size]]
@@ -273,8 +272,7 @@ def perplexity(handle: ModelHandle, sentences: Sequence[str], batch_size: int = 
         hidden = handle.model.base_model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        selected = at_positions(hidden, batch.target_rows, batch.target_positions - 1)
-        logits = head(selected).float().to(handle.device)
+        logits = handle.logits_at(hidden, batch.target_rows, batch.target_positions - 1)
         total -= logits.log_softmax(-1).gather(1, batch.target_ids[:, None]).sum().item()
         tokens += len(batch.target_ids)
     return math.exp(total / tokens)

@@ -79,13 +79,11 @@ def target_values(
         where = (rows.to(hidden.device), positions_t.to(hidden.device))
         return _with_hidden(output, hidden.index_put(where, change, accumulate=True))
 
-    head = handle.model.get_output_embeddings()
     hook = handle.module(handle.decoder_layer(layer)).register_forward_hook(add_delta)
     try:
         for step in range(config.value_steps + 1):
             hidden = final_hidden(handle, tokens)
-            selected = at_positions(hidden, tokens.target_rows, tokens.target_positions - 1)
-            logits = head(selected).float().to(device)
+            logits = handle.logits_at(hidden, tokens.target_rows, tokens.target_positions - 1)
             token_nll = F.cross_entropy(logits, tokens.target_ids, reduction="none")
             row_nll = torch.zeros(rewrites, device=device).index_add(
                 0, tokens.target_rows, token_nll
@@ -93,8 +91,7 @@ def target_values(
             row_nll = row_nll / target_lengths
             loss = row_nll.mean()
             if essence:
-                kl_logprobs = head(at_positions(hidden, kl_rows, kl_last)).float().to(device)
-                kl_logprobs = kl_logprobs.log_softmax(-1)
+                kl_logprobs = handle.logits_at(hidden, kl_rows, kl_last).log_softmax(-1)
                 if "kl" not in original:
                     original["kl"] = kl_logprobs.detach()
                 kl = F.kl_div(kl_logprobs, original["kl"], log_target=True, reduction="batchmean")
