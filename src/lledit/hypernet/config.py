@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from lledit import checks
-from lledit.hypernet.network import ModuleShape
+from lledit.hypernet.network import Hypernetwork, ModuleShape
 from lledit.model import ModelHandle
 
 
@@ -108,3 +108,17 @@ def edited_modules(handle: ModelHandle, config: HypernetTrainConfig) -> list[Mod
         d_out, d_in = handle.weight_of(name).shape
         modules.append(ModuleShape(name, d_out, d_in))
     return modules
+
+
+def untrained_network(
+    handle: ModelHandle, config: HypernetTrainConfig, update_rule: str
+) -> Hypernetwork:
+    """A network of `config`'s size for the modules it names, at its initialisation,
+    on the model's device."""
+    return Hypernetwork(
+        edited_modules(handle, config),
+        config.rank,
+        config.n_blocks,
+        update_rule,
+        key_ridge=config.key_ridge,
+    ).to(handle.device)

@@ -45,7 +45,7 @@ from lledit.hypernet.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from lledit.hypernet.config import HypernetTrainConfig, edited_modules
+from lledit.hypernet.config import HypernetTrainConfig, untrained_network
 from lledit.hypernet.distributed import Ranks, average_gradients, barrier, gathered
 from lledit.hypernet.editor import HypernetEditor
 from lledit.hypernet.held_keys import HeldKeys
@@ -55,7 +55,6 @@ from lledit.hypernet.losses import (
     weight_gradients,
     weighted_loss,
 )
-from lledit.hypernet.network import Hypernetwork
 from lledit.model import ModelHandle, batch_tokens
 from lledit.stats import key_covariances
 from lledit.tokens import EncodedPair, encode_pairs
@@ -158,13 +157,7 @@ class HypernetTrainer:
         self.validation_requests = list(requests[split:])
         HeldKeys.check(editor_class.update_rule, config.earlier_keys_weight)
         torch.manual_seed(config.seed)
-        self.network = Hypernetwork(
-            edited_modules(handle, config),
-            config.rank,
-            config.n_blocks,
-            editor_class.update_rule,
-            key_ridge=config.key_ridge,
-        ).to(handle.device)
+        self.network = untrained_network(handle, config, editor_class.update_rule)
         scalars = [self.network.log_lr, self.network.log_ridge]
         others = [p for p in self.network.parameters() if all(p is not s for s in scalars)]
         self.optimizer = torch.optim.Adam(
