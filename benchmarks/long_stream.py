@@ -4,7 +4,8 @@ Each method (in a process of its own, so that memory is its own) edits the
 CounterFact eval split in batches of 10 on the default model, through a
 journal, until `--edits` are applied or its time budget is spent; per batch
 it records the seconds the batch took, the process's resident memory and the
-journal's size on disk. Writes `OUT/<method>.json` per method and
+journal's size on disk. Writes `OUT/<method>.jsonl` per method (a line per
+batch, as it goes) and
 `OUT/long_stream.png` (batch time, memory and journal size against edits
 applied), and prints the table for docs/scaling.md: how far each method got,
 the median batch time over its first 1000 edits, the median over its last 10
@@ -34,13 +35,15 @@ def resident_mib() -> float:
     statm = Path("/proc/self/statm")
     if statm.exists():
         return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    import resource
+    import torch
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    from lledit.eval.lifelong import peak_memory_mb
+
+    return peak_memory_mb(torch.device("cpu"))
 
 
 def run_one(method: str, edits: int, budget_s: float, checkpoint: str | None, out: Path) -> None:
-    """One method's stream, written to OUT/<method>.json after every batch."""
+    """One method's stream, a line of OUT/<method>.jsonl per batch."""
     from lledit import load_dataset, load_model, make_editor
     from lledit.journal import Journal, JournaledModel
 
@@ -50,24 +53,24 @@ def run_one(method: str, edits: int, budget_s: float, checkpoint: str | None, ou
     database = out / f"{method}.db"
     for stale in out.glob(f"{method}.db*"):
         stale.unlink()
-    record: dict = {"method": method, "budget_s": budget_s, "batches": []}
+    lines = out / f"{method}.jsonl"
+    lines.unlink(missing_ok=True)
     started = time.perf_counter()
-    with Journal(database) as journal:
+    with Journal(database) as journal, lines.open("a") as log:
         edited = JournaledModel(handle, journal, editor)
         for start in range(0, len(requests), BATCH):
             batch_started = time.perf_counter()
             edited.apply(requests[start : start + BATCH])
             seconds = time.perf_counter() - batch_started
             on_disk = sum(path.stat().st_size for path in out.glob(f"{method}.db*"))
-            record["batches"].append(
-                {
-                    "edits": start + BATCH,
-                    "seconds": seconds,
-                    "resident_mib": resident_mib(),
-                    "journal_mib": on_disk / 2**20,
-                }
-            )
-            (out / f"{method}.json").write_text(json.dumps(record, indent=1) + "\n")
+            batch = {
+                "edits": start + BATCH,
+                "seconds": seconds,
+                "resident_mib": resident_mib(),
+                "journal_mib": on_disk / 2**20,
+            }
+            log.write(json.dumps(batch) + "\n")
+            log.flush()
             if time.perf_counter() - started > budget_s:
                 break
 
@@ -137,9 +140,9 @@ def main() -> None:
             command += [f"--checkpoint={item}" for item in arguments.checkpoint]
             subprocess.run(command, check=True)
     records = [
-        json.loads((arguments.out / f"{m}.json").read_text())
+        {"method": m, "batches": [json.loads(line) for line in path.read_text().splitlines()]}
         for m in methods
-        if (arguments.out / f"{m}.json").exists()
+        if (path := arguments.out / f"{m}.jsonl").exists()
     ]
     plot(records, arguments.out / "long_stream.png")
     header = ["method", "edits reached", "s/batch, first 1000", "s/batch, last 10 batches",

@@ -59,19 +59,9 @@ FULL_LAYERS = 32
 QUICK = {
     "memit": {"stats_samples": 2000},
     "alphaedit": {"stats_samples": 2000},
-    "rledit": {"key_samples": 2000},
 }
 """Fewer keys for the statistics: the same tensors, gathered sooner."""
 BATCH = 10
-
-
-def memory_mib(device: torch.device) -> float:
-    """Peak memory so far: CUDA's allocator on a GPU, the resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def build(shapes: dict, layers: int, device: str, dtype: str):
@@ -93,21 +83,13 @@ def build(shapes: dict, layers: int, device: str, dtype: str):
 
 
 def editor_for(method: str, handle):
-    from lledit.hypernet import Hypernetwork
-    from lledit.hypernet.config import edited_modules
+    from lledit.hypernet.config import untrained_network
     from lledit.methods import METHODS, make_editor, train_config_class
 
     settings = QUICK.get(method, {})
     editor_class = METHODS[method]
     if "checkpoint" in editor_class.config_class.__dataclass_fields__:
-        train_config = train_config_class(method)()
-        network = Hypernetwork(
-            edited_modules(handle, train_config),
-            train_config.rank,
-            train_config.n_blocks,
-            editor_class.update_rule,
-            key_ridge=train_config.key_ridge,
-        ).to(handle.device)
+        network = untrained_network(handle, train_config_class(method)(), editor_class.update_rule)
         return editor_class.from_network(handle, network)
     return make_editor(method, handle, **settings)
 
@@ -132,13 +114,14 @@ def forward_backward_seconds(handle, requests) -> float:
 
 def run_one(method: str, arguments) -> dict:
     from lledit import load_dataset
+    from lledit.eval.lifelong import peak_memory_mb
     from lledit.layers import default_layers
 
     shapes = TINY if arguments.tiny else LLAMA3_8B
     handle = build(shapes, arguments.layers, arguments.device, arguments.dtype)
     device = handle.device
     requests = load_dataset("zsre", "eval").requests[: BATCH * arguments.batches]
-    base = memory_mib(device)
+    base = peak_memory_mb(device)
     editor = editor_for(method, handle)
     editor.prepare()
     per_edit = []
@@ -149,7 +132,7 @@ def run_one(method: str, arguments) -> dict:
         per_edit.append((time.perf_counter() - batch_started) / BATCH)
         if time.perf_counter() - budget_started > arguments.budget_s:
             break
-    peak = memory_mib(device)
+    peak = peak_memory_mb(device)
     forward_backward_s = forward_backward_seconds(handle, requests[:BATCH])
     modules = editor.config_dict().get("modules", [])
     edited = len({handle.layer_of(name) for name in modules})

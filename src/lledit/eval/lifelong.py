@@ -66,7 +66,7 @@ class LifelongResult:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory on CUDA; otherwise the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -238,7 +238,7 @@ def run_lifelong(
         seed=seed,
         metrics=metrics,
         timing=timing,
-        peak_memory_mb=_peak_memory_mb(handle.device),
+        peak_memory_mb=peak_memory_mb(handle.device),
         curve=curve,
         per_edit=[
             {"id": request.id, **scores} for request, scores in zip(requests, per_edit, strict=True)
