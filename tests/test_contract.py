@@ -185,7 +185,6 @@ def _state(editor, folder) -> dict[str, torch.Tensor]:
     state |= {f"keys {name}": gram for name, gram in getattr(editor, "past_keys", {}).items()}
     held = getattr(editor, "held", None)
     if held is not None:
-        state |= {f"held {name}": value for name, value in held.second_moments.items()}
         state |= {f"precision {name}": value for name, value in held.precisions.items()}
     return state
 

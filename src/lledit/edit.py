@@ -81,9 +81,10 @@ def _added(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 class WeightDelta:
     """Weight deltas added to some modules, undoable exactly.
 
-    The weights as they were before the edit are kept. Undoing the latest edit
-    restores them bit for bit; if the weights moved on since (a later edit that
-    is still applied), the delta that this edit added is subtracted.
+    The weights as they were before the edit are kept in host memory, so a
+    record holds no accelerator memory beyond its deltas. Undoing the latest
+    edit restores them bit for bit; if the weights moved on since (a later
+    edit that is still applied), the delta that this edit added is subtracted.
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class WeightDelta:
             raise RuntimeError("this edit was already undone")
         for name, before in self.before.items():
             weight = self._handle.weight_of(name)
+            before = before.to(weight.device)
             if torch.equal(weight, _added(before, self.deltas[name])):
                 weight.copy_(before)
             else:
@@ -178,13 +180,15 @@ def apply_weight_deltas(
 ) -> WeightDelta:
     """`add_weight_deltas`, returning the record that undoes it exactly.
 
-    `held` is what the editor keeps of the batch for later ones; once the
-    deltas are in, `hold(held)` gives it to the editor, and what that returns
-    is what the undo releases. A batch that is rejected is never held.
+    The record takes the deltas as they are (float32 ones are not copied), so
+    the caller must not change them afterwards. `held` is what the editor
+    keeps of the batch for later ones; once the deltas are in, `hold(held)`
+    gives it to the editor, and what that returns is what the undo releases.
+    A batch that is rejected is never held.
     """
-    before = {name: handle.weight_of(name).detach().clone() for name in deltas}
+    before = {name: handle.weight_of(name).detach().to("cpu", copy=True) for name in deltas}
     add_weight_deltas(handle, deltas)
-    deltas = {name: delta.detach().float().clone() for name, delta in deltas.items()}
+    deltas = {name: delta.detach().float() for name, delta in deltas.items()}
     release = None if hold is None or held is None else hold(held)
     return WeightDelta(handle, before, deltas, release, held)
 

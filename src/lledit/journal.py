@@ -593,7 +593,8 @@ class JournaledModel:
         self._memory = editor.tensors() if hasattr(editor, "tensors") else {}
         """The editor's own tensors, by the names its deltas use."""
         self._base = {name: tensor.detach().clone() for name, tensor in self._memory.items()}
-        """Every replayed tensor as it was unedited (weights are added on first use)."""
+        """Every replayed tensor as it was unedited (weights are added on first use, in
+        host memory: replay adds deltas there and switches the result in)."""
         self._base_hashes: dict[tuple[str, ...], str] = {}
         self._releases: dict[int, Callable[[], None]] = {}
         """Per applied batch, what lets the editor forget what it holds of it."""
@@ -631,7 +632,7 @@ class JournaledModel:
     def _remember_base(self, names) -> None:
         for name in names:
             if name not in self._base:
-                self._base[name] = self._tensor(name).detach().clone()
+                self._base[name] = self._tensor(name).detach().to("cpu", copy=True)
 
     def _latest_snapshot(self, applied: Sequence[int]) -> Snapshot | None:
         """The newest snapshot that holds exactly the batches of `applied` up to its own."""

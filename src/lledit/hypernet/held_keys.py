@@ -35,10 +35,6 @@ class HeldKeys:
     @torch.no_grad()
     def _reset(self) -> None:
         self.precisions = {m.name: self._unheld(m) for m in self.network.modules_edited}
-        self.second_moments = {
-            name: torch.zeros_like(precision) for name, precision in self.precisions.items()
-        }
-        """Per module, Σ kkᵀ over the held keys."""
 
     @staticmethod
     def check(update_rule: str, weight: float) -> None:
@@ -69,5 +65,4 @@ class HeldKeys:
     def _add(self, keys: Mapping[str, torch.Tensor]) -> None:
         for module, weight in zip(self.network.modules_edited, self._key_weights(), strict=True):
             name, module_keys = module.name, keys[module.name].double()
-            self.second_moments[name] += module_keys.T @ module_keys
             self.precisions[name] = precision_with_keys(self.precisions[name], module_keys, weight)
