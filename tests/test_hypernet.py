@@ -1,5 +1,6 @@
 """The hypernetwork editors (MEND, MALMEN, RLEdit): maths, meta-gradients, training, checkpoints."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -10,7 +11,7 @@ import torch
 from conftest import CORPUS, assert_weights_equal, make_tiny_model, snapshot
 from typer.testing import CliRunner
 
-from lledit import EditRequest, make_editor
+from lledit import EditRequest, make_editor, run_lifelong
 from lledit.cli import app
 from lledit.edit import add_weight_deltas
 from lledit.hypernet import CheckpointError, Hypernetwork, ModuleShape, load_network
@@ -973,6 +974,25 @@ def test_trainer_refuses_too_few_requests_or_missing_locality(tiny, tmp_path):
     requests = [*make_requests(8), EditRequest("The largest planet is", "Au", id="bare")]
     with pytest.raises(ValueError, match=r"request 8 \(bare\) has none"):
         make_trainer(tiny, MALMEN, tmp_path, requests=requests)
+
+
+def test_a_network_scored_on_another_style_of_data_is_warned_about(
+    trained, tokenizer, tmp_path, caplog
+):
+    arch, _, out = trained
+    copy = tmp_path / "counterfact-trained"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "checkpoint.json").read_text())
+    meta["data"]["style"] = "counterfact"
+    (copy / "checkpoint.json").write_text(json.dumps(meta))
+    requests = [dataclasses.replace(r, target_true="Paris") for r in make_requests(2)]
+    for style, warned in (("counterfact", False), ("qa", True)):
+        caplog.clear()
+        editor = make_editor("malmen", fresh(arch, tokenizer), checkpoint=str(copy))
+        assert editor.trained_style == "counterfact"
+        with caplog.at_level("WARNING", logger="lledit.eval.lifelong"):
+            run_lifelong(editor.handle, editor, requests, 2, style=style, scoring="teacher")
+        assert ("trained on counterfact data and edits qa data" in caplog.text) == warned
 
 
 # --- 9. bad checkpoints ----------------------------------------------------------------------

@@ -172,6 +172,17 @@ def run_lifelong(
         raise ValueError(f"eval_every must be at least 1, got {eval_every}")
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; choose one of {SCORINGS}")
+    trained_style = getattr(method, "trained_style", None)
+    if trained_style is not None and trained_style != style:
+        # A network learns the prompts and targets of its training data; on
+        # another style its numbers say little about what it could do.
+        logger.warning(
+            "%s's network was trained on %s data and edits %s data here; "
+            "train one on this dataset's train split (`lledit train --data`)",
+            method.name,
+            trained_style,
+            style,
+        )
     random.seed(seed)
     torch.manual_seed(seed)
     if handle.device.type == "cuda":

@@ -87,6 +87,11 @@ class HypernetEditor:
             network, _ = load_network(self.config.checkpoint)
             self.network = network.to(self.handle.device)
 
+    @property
+    def trained_style(self) -> str | None:
+        """The style ("qa", "counterfact") of the data the network was trained on, if recorded."""
+        return self.meta.get("data", {}).get("style")
+
     def config_dict(self) -> dict[str, Any]:
         trained = self.meta.get("train_config", {})
         return {**asdict(self.config), "modules": self.modules, "trained_with": trained}
