@@ -16,6 +16,7 @@ from lledit.cli import app
 from lledit.edit import add_weight_deltas
 from lledit.hypernet import CheckpointError, Hypernetwork, ModuleShape, load_network
 from lledit.hypernet.capture import Captured, capture_gradients, sequence_losses
+from lledit.hypernet.checkpoint import read_meta
 from lledit.hypernet.config import HypernetTrainConfig, edited_modules
 from lledit.hypernet.losses import (
     LossBatch,
@@ -33,7 +34,7 @@ from lledit.hypernet.update import (
 )
 from lledit.methods import MALMEN, MEND, RLEdit
 from lledit.model import ModelHandle, batch_tokens, edit_batch
-from lledit.stats import key_covariances
+from lledit.stats import key_covariances, null_space_projection
 from lledit.tokens import encode_pairs
 
 runner = CliRunner()
@@ -917,6 +918,44 @@ def test_key_ridge_solves_with_the_key_statistics_and_saves_them(
     assert_weights_equal(handle, before)
     with pytest.raises(ValueError, match="key_ridge"):
         make_trainer(handle, MEND, tmp_path / "mend", key_ridge=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_null_space_projection_leaves_ordinary_keys_alone_in_training_and_editing(
+    arch, tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    handle = fresh(arch, tokenizer)
+    out = tmp_path / "ckpt"
+    settings = {"key_ridge": True, "key_samples": 600, "warmup_batches": 1, "steps": 2}
+    trainer = make_trainer(handle, RLEdit, out, null_space_threshold=0.05, **settings)
+    initial = network_state(trainer.network)
+    trainer.train()
+    assert any(not torch.equal(v, initial[k]) for k, v in network_state(trainer.network).items())
+    assert read_meta(out)["null_space_threshold"] == 0.05
+    statistics = key_covariances(handle, trainer.module_names, samples=600)
+
+    projected = make_editor("rledit", handle, checkpoint=out).apply(make_requests(2))
+    projected.undo()
+    unprojected = make_editor("rledit", handle, checkpoint=out, null_space_threshold=0.0)
+    plain = unprojected.apply(make_requests(2))
+    for name in trainer.module_names:
+        expected = null_space_projection(statistics[name], 0.05)
+        assert 0 < torch.linalg.matrix_rank(expected) < len(expected)
+        torch.testing.assert_close(trainer.network.null_space(name), expected, atol=1e-4, rtol=0)
+        # Keys of ordinary text (outside P's range) keep their outputs; the
+        # update is the unprojected one times P.
+        delta, unprojected_delta = projected.deltas[name], plain.deltas[name]
+        outside = torch.eye(len(expected)) - expected
+        assert (delta @ outside).abs().max() < 1e-4 * delta.abs().max(), name
+        projector = trainer.network.null_space(name)
+        torch.testing.assert_close(delta, unprojected_delta @ projector)
+        assert not torch.allclose(delta, unprojected_delta)
+
+    with pytest.raises(ValueError, match="null_space_threshold must be in"):
+        make_editor("rledit", handle, checkpoint=out, null_space_threshold=1.5)
+    with pytest.raises(ValueError, match="key statistics of key_ridge"):
+        make_trainer(handle, MALMEN, tmp_path / "malmen", null_space_threshold=0.05)
 
 
 # --- 8. resuming ---------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from lledit.edit import NonFiniteUpdateError
 from lledit.eval.scoring import score_pairs
 from lledit.locate import SubjectNotFoundError, subject_span, token_positions
 from lledit.methods import parse_settings
-from lledit.methods.alphaedit import alphaedit_delta, null_space_projection
+from lledit.methods.alphaedit import alphaedit_delta
 from lledit.methods.memit import memit_delta
 from lledit.model import default_model_cache
+from lledit.stats import null_space_projection
 
 FAST = {"layers": "1,2", "stats_samples": 2000, "prefix_count": 2, "prefix_length": 3}
 """Small settings for the tiny models: two layers, few statistics, short prefixes."""

@@ -331,3 +331,15 @@ def key_covariances(
         logger.info("key statistics of %s saved to %s", module, _stats_path(keys[module]))
         result[module] = covariance
     return {module: result[module] for module in modules}
+
+
+def null_space_projection(covariance: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P onto the eigenvectors of C whose eigenvalues are below `threshold` times the largest.
+
+    Keys of ordinary text lie in the span of the large eigenvalues, so an
+    update multiplied by P leaves their outputs (almost) unchanged. The
+    threshold is relative, so it means the same whatever the scale of the keys.
+    """
+    values, vectors = torch.linalg.eigh(covariance.double())
+    kept = vectors[:, values < threshold * values.max()]
+    return (kept @ kept.T).float()

@@ -52,6 +52,7 @@ def save_checkpoint(
         "format": FORMAT_VERSION,
         "update_rule": network.update_rule,
         "key_ridge": network.key_ridge,
+        "null_space_threshold": network.null_space_threshold,
         "modules": [vars(module) for module in network.modules_edited],
     }
     if optimizer is not None:
@@ -93,6 +94,7 @@ def load_network(directory: str | Path) -> tuple[Hypernetwork, dict[str, Any]]:
         meta["n_blocks"],
         meta["update_rule"],
         key_ridge=meta.get("key_ridge", False),
+        null_space_threshold=meta.get("null_space_threshold", 0.0),
     )
     path = Path(directory) / NETWORK_FILE
     try:

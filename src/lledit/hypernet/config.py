@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from lledit import checks
-from lledit.hypernet.network import Hypernetwork, ModuleShape
+from lledit.hypernet.network import Hypernetwork, ModuleShape, check_null_space_threshold
 from lledit.model import ModelHandle
 
 
@@ -72,6 +72,11 @@ class HypernetTrainConfig:
     module's keys over text the model samples itself (MEMIT's C₀), so an
     update is held back where it would change the outputs of ordinary
     inputs, not evenly in every direction."""
+    null_space_threshold: float = 0.0
+    """With `key_ridge`: multiply every update by AlphaEdit's projector onto
+    the directions ordinary keys leave unused (eigenvalues of C below this
+    fraction of the largest), in training and then in editing; 0: none
+    (docs/methods/rledit.md)."""
     key_samples: int = 20000
     """Keys the statistics of `key_ridge` average over (cached once per model)."""
     warmup_batches: int = 10
@@ -95,6 +100,7 @@ class HypernetTrainConfig:
         )  # fmt: skip
         checks.at_least(self, 0, "validation_edits", "warmup_batches")
         checks.positive(self, "initial_step", "initial_ridge")
+        check_null_space_threshold(self.null_space_threshold, self.key_ridge)
 
     @property
     def steps_per_trajectory(self) -> int:
@@ -121,4 +127,5 @@ def untrained_network(
         config.n_blocks,
         update_rule,
         key_ridge=config.key_ridge,
+        null_space_threshold=config.null_space_threshold,
     ).to(handle.device)

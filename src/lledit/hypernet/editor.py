@@ -14,7 +14,7 @@ from lledit.edit import WeightDelta, apply_weight_deltas
 from lledit.hypernet.capture import capture_gradients, keys_of
 from lledit.hypernet.checkpoint import check_fits, load_network, read_meta
 from lledit.hypernet.held_keys import HeldKeys
-from lledit.hypernet.network import Hypernetwork
+from lledit.hypernet.network import Hypernetwork, check_null_space_threshold
 from lledit.model import ModelHandle, edit_batch
 
 
@@ -27,6 +27,10 @@ class HypernetEditConfig:
     every earlier batch's keys, each weighted this much against fitting one
     of its own (AlphaEdit's earlier-edit keys, here in the ridge); 0: every
     batch is solved on its own, as in the MALMEN and RLEdit papers."""
+    null_space_threshold: float | None = None
+    """Networks with key statistics only: project every update onto the null
+    space of ordinary keys at this threshold (`HypernetTrainConfig`'s setting
+    of the same name); None: as the network was trained."""
 
 
 class HypernetEditor:
@@ -58,6 +62,9 @@ class HypernetEditor:
             )
         HeldKeys.check(self.update_rule, self.config.earlier_keys_weight)
         self.meta = read_meta(self.config.checkpoint)
+        if self.config.null_space_threshold is not None:
+            threshold, key_ridge = self.config.null_space_threshold, self.meta.get("key_ridge")
+            check_null_space_threshold(threshold, bool(key_ridge))
         check_fits(self.meta, self.name, handle.name, self._shapes(self.meta))
         self.modules = [module["name"] for module in self.meta["modules"]]
         self.held: HeldKeys | None = None
@@ -85,6 +92,8 @@ class HypernetEditor:
     def prepare(self) -> None:
         if self.network is None:
             network, _ = load_network(self.config.checkpoint)
+            if self.config.null_space_threshold is not None:
+                network.project_updates(self.config.null_space_threshold)
             self.network = network.to(self.handle.device)
 
     @property

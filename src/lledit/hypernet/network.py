@@ -8,8 +8,10 @@ optimizer step while training and are frozen at edit time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,9 +19,21 @@ from torch import nn
 from lledit.hypernet.capture import Captured
 from lledit.hypernet.update import least_squares_update, mend_update, value_differences
 from lledit.moments import Moments, feature_moments, merged_moments
+from lledit.stats import null_space_projection
 
 UPDATE_RULES = ("mend", "least_squares")
 KEY_RIDGE_FLOOR = 1e-3
+
+
+def check_null_space_threshold(threshold: float, key_ridge: bool) -> None:
+    """Refuse a projection threshold outside [0, 1), or one without key statistics."""
+    if not (math.isfinite(threshold) and 0 <= threshold < 1):
+        raise ValueError(f"null_space_threshold must be in [0, 1), got {threshold}")
+    if threshold and not key_ridge:
+        raise ValueError(
+            "null_space_threshold projects updates by the key statistics of key_ridge; "
+            "the network has none"
+        )
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,7 @@ class Hypernetwork(nn.Module):
         n_blocks: int,
         update_rule: str,
         key_ridge: bool = False,
+        null_space_threshold: float = 0.0,
     ) -> None:
         super().__init__()
         if update_rule not in UPDATE_RULES:
@@ -130,6 +145,9 @@ class Hypernetwork(nn.Module):
         self.modules_edited = list(modules)
         self.update_rule = update_rule
         self.key_ridge = key_ridge
+        self.null_space_threshold = 0.0
+        self._null_spaces: dict[str, torch.Tensor] = {}
+        self.project_updates(null_space_threshold)
         by_shape: dict[str, list[ModuleShape]] = {}
         for module in self.modules_edited:
             by_shape.setdefault(f"{module.d_in}x{module.d_out}", []).append(module)
@@ -163,6 +181,27 @@ class Hypernetwork(nn.Module):
         scaled.diagonal().add_(KEY_RIDGE_FLOOR)
         precision = torch.linalg.inv(scaled)
         self.key_precision(name).copy_((precision + precision.T) / 2)
+        self._null_spaces.pop(name, None)
+
+    def project_updates(self, threshold: float) -> None:
+        """Multiply every update by AlphaEdit's projector onto the directions that
+        ordinary keys leave unused (eigenvalues of C below `threshold` times the
+        largest), so their outputs stay as they were; 0: no projection."""
+        check_null_space_threshold(threshold, self.key_ridge)
+        self.null_space_threshold = threshold
+        self._null_spaces = {}
+
+    def null_space(self, name: str) -> torch.Tensor:
+        """The projector of `project_updates` for module `name`, from its ridge's statistics."""
+        if name not in self._null_spaces:
+            scaled = torch.linalg.inv(self.key_precision(name).double())
+            scaled.diagonal().sub_(KEY_RIDGE_FLOOR)  # the floor shifts every eigenvalue alike
+            self._null_spaces[name] = null_space_projection(scaled, self.null_space_threshold)
+        return self._null_spaces[name]
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._null_spaces = {}  # new statistics, new projectors
+        return super().load_state_dict(*args, **kwargs)
 
     def key_precision(self, name: str) -> torch.Tensor | None:
         """P = C⁻¹ of module `name`'s ridge, or None for the plain ridge."""
@@ -215,7 +254,10 @@ class Hypernetwork(nn.Module):
         values = value_differences(captured.keys, pseudo_keys, pseudo_grads, self.log_lr[index])
         if key_precision is None:
             key_precision = self.key_precision(name)
-        return least_squares_update(captured.keys, values, self.log_ridge[index], key_precision)
+        update = least_squares_update(captured.keys, values, self.log_ridge[index], key_precision)
+        if self.null_space_threshold:
+            update = update @ self.null_space(name).to(update.device)
+        return update
 
     def deltas(
         self,

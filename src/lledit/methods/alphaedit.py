@@ -22,18 +22,7 @@ from lledit.data.request import EditRequest
 from lledit.edit import HeldBatches, WeightDelta, apply_weight_deltas
 from lledit.locate import LocateConfig, Locator
 from lledit.model import ModelHandle
-
-
-def null_space_projection(covariance: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P onto the eigenvectors of C whose eigenvalues are below `threshold` times the largest.
-
-    Keys of ordinary text lie in the span of the large eigenvalues, so an
-    update multiplied by P leaves their outputs (almost) unchanged. The
-    threshold is relative, so it means the same whatever the scale of the keys.
-    """
-    values, vectors = torch.linalg.eigh(covariance.double())
-    kept = vectors[:, values < threshold * values.max()]
-    return (kept @ kept.T).float()
+from lledit.stats import null_space_projection
 
 
 def alphaedit_delta(
