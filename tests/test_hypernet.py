@@ -1034,6 +1034,18 @@ def test_a_network_scored_on_another_style_of_data_is_warned_about(
         assert ("trained on counterfact data and edits qa data" in caplog.text) == warned
 
 
+def test_validation_scores_in_the_style_of_the_training_data(tokenizer, tmp_path):
+    handle = fresh("llama", tokenizer)
+    requests = [dataclasses.replace(r, target_true="Paris") for r in make_requests()]
+    metrics = {}
+    for style in ("qa", "counterfact"):
+        trainer = make_trainer(handle, MALMEN, tmp_path / style, requests=requests, steps=1)
+        trainer.data_info["style"] = style
+        trainer.train()
+        metrics[style] = trainer.validate()["metrics"]
+    assert "efficacy_exact" in metrics["qa"] and "efficacy_exact" not in metrics["counterfact"]
+
+
 # --- 9. bad checkpoints ----------------------------------------------------------------------
 
 

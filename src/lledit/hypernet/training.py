@@ -440,14 +440,17 @@ class HypernetTrainer:
         dataset: dict[str, Any] | None = None,
     ) -> LifelongResult:
         """The current network edits `requests` in sequence, as at test time, and
-        the final model is scored; the model is restored afterwards."""
+        the final model is scored in the style of `dataset` (else of the training
+        data); the model is restored afterwards."""
         editor = self.editor_class.from_network(self.handle, self.network)
+        style = (dataset or self.data_info).get("style", "qa")
         try:
             return run_lifelong(
                 self.handle,
                 editor,
                 requests,
                 self.config.batch_size,
+                style=style,
                 dataset=dataset,
             )
         finally:
