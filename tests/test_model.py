@@ -5,7 +5,14 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from lledit import model as model_module
-from lledit.model import ModelHandle, ModelLoadError, edit_batch, load_model, resolve_dtype
+from lledit.model import (
+    ModelDoesNotFitError,
+    ModelHandle,
+    ModelLoadError,
+    edit_batch,
+    load_model,
+    resolve_dtype,
+)
 
 
 def test_weight_of_is_out_by_in_view_sharing_storage(tiny):
@@ -61,6 +68,28 @@ def test_local_folder_loads_without_network(tiny, tmp_path):
     assert loaded.arch == tiny.arch
     for name, parameter in tiny.model.state_dict().items():
         assert torch.equal(parameter, loaded.model.state_dict()[name])
+
+
+def test_a_model_too_large_for_its_device_is_refused_before_loading(tiny, tmp_path, monkeypatch):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    size = sum(p.numel() * p.element_size() for p in tiny.model.parameters())
+    assert model_module.weights_size(tiny.model.config, torch.float32) == size
+    assert model_module.weights_size(tiny.model.config, torch.bfloat16) == size // 2
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(model_module, "free_memory", lambda device: size - 1)
+    monkeypatch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ModelDoesNotFitError) as refused:
+        load_model(str(tmp_path))
+    message = str(refused.value)
+    assert str(tmp_path) in message and "float32" in message and "cpu has" in message
+    assert "--device-map auto" in message
+    monkeypatch.undo()
+    monkeypatch.setattr(model_module, "free_memory", lambda device: size)
+    assert isinstance(load_model(str(tmp_path)), ModelHandle)
 
 
 def test_unknown_model_id_is_not_downloaded():

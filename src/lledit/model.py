@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import psutil
 import torch
 from platformdirs import user_cache_dir
 from safetensors.torch import save_model
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -43,6 +45,47 @@ DTYPES = {
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to do."""
+
+
+class ModelDoesNotFitError(ModelLoadError):
+    """The model's weights alone need more memory than its device has free."""
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (a GPU's free memory, the host's available memory);
+    None for a device whose free memory torch cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return psutil.virtual_memory().available
+    return None
+
+
+def weights_size(config, dtype: torch.dtype) -> int:
+    """Bytes of a model's weights in `dtype`, from its config, allocating none of them."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return sum(p.numel() * p.element_size() for p in skeleton.parameters())
+
+
+def check_fits(config, dtype: torch.dtype, device: torch.device, name: str) -> None:
+    """Refuse, before loading, a model whose weights alone exceed `device`'s free memory.
+
+    Editing needs more on top (the method's statistics, deltas, activations;
+    docs/scaling.md has them per method), so passing this check is necessary,
+    not sufficient.
+    """
+    free = free_memory(device)
+    if free is None:
+        return
+    needed = weights_size(config, dtype)
+    if needed > free:
+        raise ModelDoesNotFitError(
+            f"model '{name}' needs {needed / 2**30:.1f} GiB for its weights in "
+            f"{str(dtype).removeprefix('torch.')}, and {device} has {free / 2**30:.1f} GiB free; "
+            "load it in bfloat16 (--dtype bfloat16) or split it over several GPUs "
+            "(--device-map auto)"
+        )
 
 
 @dataclass(frozen=True)
@@ -462,6 +505,9 @@ def load_model(
         source, display_name, local_only = name, name, not allow_download
     transformers_logging.disable_progress_bar()
     try:
+        if device_map is None:
+            config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+            check_fits(config, torch_dtype, torch.device(device), display_name)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, local_files_only=local_only, device_map=device_map
