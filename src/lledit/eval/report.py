@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -166,9 +167,45 @@ def _pyplot():
 def _save(figure, path: str | Path) -> Path:
     path = Path(path)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     _pyplot().close(figure)
     return path
+
+
+def _styles(results: Sequence[LifelongResult]) -> list[dict[str, Any]]:
+    """A colour per method, and a dashed line or hatched bar for its variants
+    (+eos, -eos, +chat), so that a method's runs read as one family however
+    many are drawn; labels name the dataset only when runs differ in it."""
+    methods = list(dict.fromkeys(result.method for result in results))
+    palette = _pyplot().get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    several_datasets = len({r.dataset.get("name") for r in results}) > 1
+    styles = []
+    for result in results:
+        label = run_label(result)
+        if several_datasets:
+            label += f" · {result.dataset.get('name', '?')}"
+        variant = run_label(result) != result.method
+        styles.append(
+            {
+                "label": label,
+                "color": palette(methods.index(result.method) % palette.N),
+                "line": "--" if variant else "-",
+                "hatch": "///" if variant else None,
+            }
+        )
+    return styles
+
+
+def _legend_beside(figure, axes) -> None:
+    """One legend for every panel, right of them: each run once, whichever panels it is in."""
+    entries: dict[str, Any] = {}
+    for axis in axes:
+        handles, labels = axis.get_legend_handles_labels()
+        entries.update({label: handle for handle, label in zip(handles, labels, strict=True)})
+    figure.legend(
+        list(entries.values()), list(entries), loc="center left", bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+    )  # fmt: skip
 
 
 def plot_curves(results: Sequence[LifelongResult], path: str | Path) -> Path | None:
@@ -183,21 +220,24 @@ def plot_curves(results: Sequence[LifelongResult], path: str | Path) -> Path | N
     names = [n for n in _metric_columns(with_curve) if not n.endswith(("_exact", "_prefix"))]
     names = [n for n in names if n != "fluency"]
     figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    styles = _styles(with_curve)
     for axis, name in zip(axes[0], names, strict=True):
-        for result in with_curve:
+        for result, style in zip(with_curve, styles, strict=True):
             points = [point for point in result.curve if name in point]
             axis.plot(
                 [point["edits"] for point in points],
                 [point[name] for point in points],
                 marker="o",
                 markersize=3,
-                label=run_label(result),
+                color=style["color"],
+                linestyle=style["line"],
+                label=style["label"],
             )
         axis.set_title(name)
         axis.set_xlabel("edits applied")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
-    axes[0][0].legend()
+    _legend_beside(figure, axes[0])
     first = with_curve[0]
     figure.suptitle(
         f"{first.model} · {first.dataset.get('name', '?')} · batches of {first.batch_size}",
@@ -231,8 +271,9 @@ def plot_retention_by_age(results: Sequence[LifelongResult], path: str | Path) -
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.4), squeeze=False)
     deciles = list(range(1, 11))
+    styles = _styles(results)
     for axis, name in zip(axes[0], names, strict=True):
-        for result in results:
+        for result, style in zip(results, styles, strict=True):
             means = by_age(result, name)
             if all(value is None for value in means):
                 continue
@@ -241,14 +282,16 @@ def plot_retention_by_age(results: Sequence[LifelongResult], path: str | Path) -
                 [float("nan") if v is None else v for v in means],
                 marker="o",
                 markersize=3,
-                label=f"{run_label(result)} · {result.dataset.get('name', '?')}",
+                color=style["color"],
+                linestyle=style["line"],
+                label=style["label"],
             )
         axis.set_title(name)
         axis.set_xlabel("edit age (tenths, oldest first)")
         axis.set_xticks(deciles)
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    _legend_beside(figure, axes[0])
     figure.suptitle("retention by edit age, on the final model", fontsize=10)
     return _save(figure, path)
 
@@ -260,18 +303,21 @@ def plot_comparison(results: Sequence[LifelongResult], path: str | Path) -> Path
     width_inches = min(24.0, max(6.0, 0.2 * len(names) * len(results) + 2))
     figure, axis = plt.subplots(figsize=(width_inches, 4.5))
     width = 0.8 / len(results)
-    for position, result in enumerate(results):
+    for position, (result, style) in enumerate(zip(results, _styles(results), strict=True)):
         axis.bar(
             [i + position * width for i in range(len(names))],
             [result.metrics.get(name, 0.0) for name in names],
             width=width,
-            label=f"{run_label(result)} · {result.dataset.get('name', '?')}",
+            color=style["color"],
+            hatch=style["hatch"],
+            edgecolor="white" if style["hatch"] else None,
+            label=style["label"],
         )
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
     axis.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
     axis.set_ylim(0, 1.02)
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=7)
+    _legend_beside(figure, [axis])
     return _save(figure, path)
 
 
