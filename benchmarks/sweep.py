@@ -1,4 +1,4 @@
-"""How LocFT-BF's, UltraEdit's and MEMOIR's defaults were chosen on the default model.
+"""How LocFT-BF's, UltraEdit's, MEMOIR's and ELDER's defaults were chosen on the default model.
 
 Each setting of `--method` (`--set "replay=30,lr=1e-3"`, repeatable; an
 empty string is the defaults; without `--set`, the method's list below)
@@ -29,9 +29,13 @@ SETTINGS = {
     ],
     "ultraedit": ["lr=1e-5", "lr=1e-4", "", "lr=3e-3", "lr=1e-2", "part=mlp_in", "layers=12-17"],
     "memoir": ["threshold=0.4", "threshold=0.5", "", "threshold=0.7", "active=0.125", "layers=21"],
+    "elder": ["", "subject_gate=true", "subject_gate=true,deferral_radius=8"],
 }
 METRICS = (
     "efficacy",
+    "generalization",
+    "specificity",
+    "locality",
     "efficacy_em",
     "efficacy_prefix",
     "generalization_em",
@@ -48,14 +52,15 @@ def main() -> None:
     parser.add_argument("--set", dest="settings", action="append", default=None)
     arguments = parser.parse_args()
     method = arguments.method
-    requests = load_dataset(arguments.data, "eval").requests[: arguments.edits]
+    dataset = load_dataset(arguments.data, "eval", limit=arguments.edits)
     print("| settings | " + " | ".join(METRICS) + " | s/edit |")
     print("|---" * (len(METRICS) + 2) + "|")
     for text in arguments.settings or SETTINGS[method]:
         settings = parse_settings(method, [s for s in text.split(",") if s.strip()])
         handle = load_model()
-        result = run_lifelong(handle, make_editor(method, handle, **settings), requests, 10)
-        scores = " | ".join(f"{result.metrics[name]:.3f}" for name in METRICS)
+        editor = make_editor(method, handle, **settings)
+        result = run_lifelong(handle, editor, dataset.requests, 10, style=dataset.style)
+        scores = " | ".join(f"{result.metrics.get(name, float('nan')):.3f}" for name in METRICS)
         seconds = result.timing["per_edit_s"]
         print(f"| {text or 'defaults'} | {scores} | {seconds:.2f} |", flush=True)
 

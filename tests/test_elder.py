@@ -217,6 +217,28 @@ def test_elder_defers_exactly_to_the_base_model(tiny, requests_small):
     assert not torch.allclose(edited_mixed[0], base_mixed[0])
 
 
+def test_elder_subject_gate_defers_prompts_that_do_not_name_an_edited_subject(tiny, requests_small):
+    # Every code is within the radius; only the subject decides.
+    named = ["France is a country whose capital is", "Where is the Eiffel Tower?"]
+    unnamed = ["Germany is a country whose capital is", "Where is the Colosseum?"]
+    base = per_prompt(tiny, named + unnamed)
+    gated = make_editor("elder", tiny, layers="1-3", subject_gate=True, **ALWAYS)
+    gated.apply(requests_small[:2])
+    for prompt, before in zip(named + unnamed, base, strict=True):
+        after = logits(tiny, [prompt])
+        assert torch.equal(after, before) == (prompt in unnamed), prompt
+    # Case does not matter; a batch mixing both keeps each row's own decision.
+    mixed = logits(tiny, ["where is the eiffel tower?", unnamed[1]])
+    assert not torch.allclose(mixed[0], logits(same_model(tiny), ["where is the eiffel tower?"])[0])
+    assert torch.equal(mixed[1][: base[3].shape[1]], base[3][0])
+    gated.remove()
+    ungated = make_editor("elder", tiny, layers="1-3", **ALWAYS)
+    ungated.apply(requests_small[:2])
+    assert not any(
+        torch.equal(logits(tiny, [p]), b) for p, b in zip(unnamed, base[2:], strict=True)
+    )
+
+
 def test_elder_scores_the_same_with_left_and_right_padding(tiny, requests_small):
     make_editor("elder", tiny).apply(requests_small)
     prompts = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
@@ -374,7 +396,8 @@ def test_two_edited_models_do_not_interfere(tiny, requests_small):
 
 
 def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
-    editor = make_editor("elder", tiny, layers="1-3", rank=4, deferral_radius=3, seed=5, replay=1)
+    settings = {"rank": 4, "deferral_radius": 3, "seed": 5, "replay": 1, "subject_gate": True}
+    editor = make_editor("elder", tiny, layers="1-3", **settings)
     editor.apply(requests_small[:2])
     editor.apply(requests_small[2:])
     probe = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
@@ -388,8 +411,8 @@ def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
     assert loaded.config_dict() == editor.config_dict()
     assert torch.equal(loaded._stored_codes(), editor._stored_codes())
     held, saved = loaded._held(), editor._held()
-    assert [(r.prompt, r.target_new) for r in held[0]] == [
-        (r.prompt, r.target_new) for r in saved[0]
+    assert [(r.prompt, r.target_new, r.subject) for r in held[0]] == [
+        (r.prompt, r.target_new, r.subject) for r in saved[0]
     ]
     assert torch.equal(held[1], saved[1]) and torch.equal(held[2], saved[2])
     assert torch.equal(logits(restored, probe), expected)

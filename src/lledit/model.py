@@ -380,6 +380,7 @@ class SequenceWatch:
         cache = arguments.get("cache", arguments.get("past_key_values"))
         self._state.extends_cache = _cached_length(cache) > 0
         self._state.attention_mask = arguments.get("attention_mask")
+        self._state.input_ids = arguments.get("input_ids")
         self._state.explicit = self._handle.current_prompt_ends
 
     @property
@@ -421,6 +422,17 @@ class SequenceWatch:
         if mask is None:
             return within
         return within & mask.to(device).bool()
+
+    def prompt_texts(self) -> list[str] | None:
+        """Each row's prompt in the pass in progress, as text (its tokens up to
+        `prompt_ends`, padding left out); None when the pass was given
+        embeddings rather than token ids."""
+        ids = getattr(self._state, "input_ids", None)
+        if ids is None:
+            return None
+        within = self.prompt_positions(ids.shape[0], ids.shape[1], ids.device)
+        rows = [row[keep].tolist() for row, keep in zip(ids, within, strict=True)]
+        return self._handle.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def remove(self) -> None:
         self._hook.remove()

@@ -80,6 +80,12 @@ class ElderConfig:
     allocation code to the nearest edit's code is below ε. 4 of 48 bits kept
     locality at 1.0 on zsRE; larger radii let unrelated inputs through
     (docs/methods/elder.md)."""
+    subject_gate: bool = False
+    """An input uses the adapters only if, besides its code, its prompt names
+    the subject of an edit whose code is within ε (ignoring case); edits
+    without a subject pass on their code alone. Neighbourhood prompts (another
+    subject, the same relation) route like the edit; they rarely name its
+    subject (docs/methods/elder.md)."""
     steps: int = 50
     """Most Adam iterations per edit batch."""
     early_stop: float = 0.95
@@ -309,6 +315,7 @@ class ElderEditor(MemoryEditor):
         self.router = nn.Parameter((router / math.sqrt(width)).to(self.device))
         self._batches: list[_Batch] = []
         self._codes: torch.Tensor | None = None
+        self._subjects: list[str | None] | None = None
         query = handle.module(handle.decoder_layer(query_layer))
         hooks = [query.register_forward_hook(self._on_query)]
         for position, name in enumerate(modules):
@@ -345,14 +352,35 @@ class ElderEditor(MemoryEditor):
             self._codes = self._codes_of(self._held()[2])
         return self._codes
 
-    def _within_radius(self, codes: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-        """Whether each code's Hamming distance to the nearest stored code is below ε.
+    def _held_subjects(self) -> list[str | None]:
+        """Every held edit's subject, case-folded, in the order of `_stored_codes`."""
+        if self._subjects is None:
+            requests = self._held()[0]
+            self._subjects = [r.subject.casefold() if r.subject else None for r in requests]
+        return self._subjects
+
+    def _passes(
+        self, codes: torch.Tensor, stored: torch.Tensor, prompts: list[str] | None
+    ) -> torch.Tensor:
+        """Whether each input uses the adapters: some edit's code lies within ε of
+        its code (Hamming distance below ε) and, with `subject_gate`, that edit's
+        subject is in its prompt.
 
         Every code has exactly L·k bits set, so distance = 2 (L·k - overlap).
         """
         overlap = codes.float() @ stored.float().T
-        distance = 2 * (len(self.layers) * self.config.top_k) - 2 * overlap.amax(dim=1)
-        return distance < self.deferral_radius
+        near = 2 * (len(self.layers) * self.config.top_k) - 2 * overlap < self.deferral_radius
+        if not self.config.subject_gate or prompts is None:
+            return near.any(dim=1)
+        subjects = self._held_subjects()
+        passes = [
+            any(
+                subjects[edit] is None or subjects[edit] in prompt.casefold()
+                for edit in row.nonzero()[:, 0].tolist()
+            )
+            for row, prompt in zip(near, prompts, strict=True)
+        ]
+        return torch.tensor(passes, device=codes.device)
 
     @property
     def current_routing(self) -> Routing | None:
@@ -383,7 +411,8 @@ class ElderEditor(MemoryEditor):
         routing = self._route(queries.to(self.device))
         if not training:
             codes = allocation_codes(routing.indices, self.config.n_loras)
-            within = self._within_radius(codes, stored)
+            prompts = self._watch.prompt_texts() if self.config.subject_gate else None
+            within = self._passes(codes, stored, prompts)
             routing.rows = None if bool(within.all()) else within.nonzero()[:, 0]
         self._local.routing = routing
         return None
@@ -549,6 +578,7 @@ class ElderEditor(MemoryEditor):
 
     def _changed(self) -> None:
         self._codes = None
+        self._subjects = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Routers and LoRAs by name (as a journal stores their deltas)."""
@@ -589,7 +619,10 @@ class ElderEditor(MemoryEditor):
             "modules": self.modules,
             "query_layer": self.query_layer,
             "rehearsal_start": self._batches[-1].rehearsal_end if self._batches else 0,
-            "edits": [{"prompt": r.prompt, "target_new": r.target_new} for r in requests],
+            "edits": [
+                {"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject}
+                for r in requests
+            ],
         }
         self._write(directory, tensors, record)
 
@@ -611,7 +644,10 @@ class ElderEditor(MemoryEditor):
             if key not in tensors or tuple(tensors[key].shape) != shape:
                 found = tuple(tensors[key].shape) if key in tensors else "nothing"
                 raise ValueError(f"{directory}: '{key}' should have shape {shape}, found {found}")
-        requests = [EditRequest(edit["prompt"], edit["target_new"]) for edit in record["edits"]]
+        requests = [
+            EditRequest(edit["prompt"], edit["target_new"], subject=edit.get("subject"))
+            for edit in record["edits"]
+        ]
         rehearsal_start = int(record.get("rehearsal_start", 0))
         self._build(config)
         with torch.no_grad():
