@@ -15,6 +15,7 @@ from lledit import EditRequest, make_editor, run_lifelong
 from lledit.cli import app
 from lledit.edit import add_weight_deltas
 from lledit.hypernet import CheckpointError, Hypernetwork, ModuleShape, load_network
+from lledit.hypernet import update as update_module
 from lledit.hypernet.capture import Captured, capture_gradients, sequence_losses
 from lledit.hypernet.checkpoint import read_meta
 from lledit.hypernet.config import HypernetTrainConfig, edited_modules
@@ -30,6 +31,7 @@ from lledit.hypernet.update import (
     least_squares_update,
     mend_update,
     precision_with_keys,
+    times_precision,
     value_differences,
 )
 from lledit.methods import MALMEN, MEND, RLEdit
@@ -225,6 +227,16 @@ def test_least_squares_update_with_key_statistics_is_the_weighted_ridge_solution
     torch.testing.assert_close(keys @ weighted.T, values, rtol=0, atol=1e-4)
     torch.testing.assert_close(keys @ plain.T, values, rtol=0, atol=1e-4)
     assert (ordinary @ weighted.T).norm() < 0.9 * (ordinary @ plain.T).norm()
+
+
+def test_a_float32_precision_is_applied_a_block_of_columns_at_a_time(monkeypatch):
+    monkeypatch.setattr(update_module, "PRECISION_COLUMNS", 4)
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(5, 10, dtype=torch.float64, generator=generator)
+    precision = torch.randn(10, 10, generator=generator)
+    expected = keys @ precision.double()
+    torch.testing.assert_close(times_precision(keys, precision), expected, rtol=1e-14, atol=0)
+    assert torch.equal(times_precision(keys, precision.double()), expected)
 
 
 def test_precision_with_keys_is_the_inverse_with_the_keys_added():
