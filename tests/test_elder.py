@@ -220,7 +220,8 @@ def test_elder_defers_exactly_to_the_base_model(tiny, requests_small):
 def test_elder_subject_gate_defers_prompts_that_do_not_name_an_edited_subject(tiny, requests_small):
     # Every code is within the radius; only the subject decides.
     named = ["France is a country whose capital is", "Where is the Eiffel Tower?"]
-    unnamed = ["Germany is a country whose capital is", "Where is the Colosseum?"]
+    # "Frances" holds "France" but not as a word.
+    unnamed = ["Frances is a country whose capital is", "Where is the Colosseum?"]
     base = per_prompt(tiny, named + unnamed)
     gated = make_editor("elder", tiny, layers="1-3", subject_gate=True, **ALWAYS)
     gated.apply(requests_small[:2])

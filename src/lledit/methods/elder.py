@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,10 +83,10 @@ class ElderConfig:
     (docs/methods/elder.md)."""
     subject_gate: bool = False
     """An input uses the adapters only if, besides its code, its prompt names
-    the subject of an edit whose code is within ε (ignoring case); edits
-    without a subject pass on their code alone. Neighbourhood prompts (another
-    subject, the same relation) route like the edit; they rarely name its
-    subject (docs/methods/elder.md)."""
+    the subject of an edit whose code is within ε (as a whole word, ignoring
+    case); edits without a subject pass on their code alone. Neighbourhood
+    prompts (another subject, the same relation) route like the edit; they
+    rarely name its subject (docs/methods/elder.md)."""
     steps: int = 50
     """Most Adam iterations per edit batch."""
     early_stop: float = 0.95
@@ -315,7 +316,7 @@ class ElderEditor(MemoryEditor):
         self.router = nn.Parameter((router / math.sqrt(width)).to(self.device))
         self._batches: list[_Batch] = []
         self._codes: torch.Tensor | None = None
-        self._subjects: list[str | None] | None = None
+        self._subjects: list[re.Pattern[str] | None] | None = None
         query = handle.module(handle.decoder_layer(query_layer))
         hooks = [query.register_forward_hook(self._on_query)]
         for position, name in enumerate(modules):
@@ -352,11 +353,16 @@ class ElderEditor(MemoryEditor):
             self._codes = self._codes_of(self._held()[2])
         return self._codes
 
-    def _held_subjects(self) -> list[str | None]:
-        """Every held edit's subject, case-folded, in the order of `_stored_codes`."""
+    def _held_subjects(self) -> list[re.Pattern[str] | None]:
+        """Every held edit's subject as a case-folded whole-word pattern, in the order
+        of `_stored_codes` (None for an edit without one)."""
         if self._subjects is None:
-            requests = self._held()[0]
-            self._subjects = [r.subject.casefold() if r.subject else None for r in requests]
+            self._subjects = [
+                re.compile(rf"(?<!\w){re.escape(r.subject.casefold())}(?!\w)")
+                if r.subject
+                else None
+                for r in self._held()[0]
+            ]
         return self._subjects
 
     def _passes(
@@ -375,7 +381,7 @@ class ElderEditor(MemoryEditor):
         subjects = self._held_subjects()
         passes = [
             any(
-                subjects[edit] is None or subjects[edit] in prompt.casefold()
+                subjects[edit] is None or subjects[edit].search(prompt.casefold()) is not None
                 for edit in row.nonzero()[:, 0].tolist()
             )
             for row, prompt in zip(near, prompts, strict=True)
