@@ -18,6 +18,7 @@ Run: `python benchmarks/results_table.py [--runs runs/results] [--datasets zsre]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -98,6 +99,21 @@ def _variants(method: str) -> tuple[str, ...]:
     if method == "none":
         return ("",)
     return ("", "-eos") if _appends_eos_itself(method) else ("", "+eos")
+
+
+def _settings_since_changed(result: LifelongResult) -> list[str]:
+    """The method settings whose default has changed since `result` was run (not the
+    ones a run sets on purpose: its network, EOS for the `-eos` variant; nor those
+    left to the method to resolve, None on either side)."""
+    defaults = dataclasses.asdict(METHODS[result.method].config_class())
+    recorded = result.method_config
+    return sorted(
+        name
+        for name, value in defaults.items()
+        if name not in ("checkpoint", "append_eos")
+        and recorded.get(name) is not None and value is not None
+        and recorded[name] != value
+    )  # fmt: skip
 
 
 def _cell(result: LifelongResult | None, name: str) -> str:
@@ -188,6 +204,18 @@ def write_docs(runs: Path) -> None:
         general = general_table([plain[m] for m in methods if m in plain])
         if general:
             lines += ["", "### General abilities", "", general.rstrip("\n")]
+    stale = {
+        f"{run_label(r)} · {r.dataset.get('name')} ({', '.join(_settings_since_changed(r))})"
+        for r in results
+        if _settings_since_changed(r)
+    }
+    if stale:
+        lines += [
+            "",
+            "Run before a default changed, with the settings named: "
+            f"{', '.join(sorted(stale))}; the method's page has the measurements behind "
+            "the new default.",
+        ]
     labels = sorted({run_label(r) + " · " + str(r.dataset.get("name")) for r in results})
     lines += ["", f"Runs on this page: {', '.join(labels) or 'none yet'}."]
     missing = [m for m in METHODS if not any(r.method == m for r in results)]
