@@ -84,9 +84,10 @@ class ElderConfig:
     subject_gate: bool = False
     """An input uses the adapters only if, besides its code, its prompt names
     the subject of an edit whose code is within ε (as a whole word, ignoring
-    case); edits without a subject pass on their code alone. Neighbourhood
-    prompts (another subject, the same relation) route like the edit; they
-    rarely name its subject (docs/methods/elder.md)."""
+    case); edits without a subject, and passes given embeddings rather than
+    token ids, are judged on codes alone. Neighbourhood prompts (another
+    subject, the same relation) route like the edit; they rarely name its
+    subject (docs/methods/elder.md)."""
     steps: int = 50
     """Most Adam iterations per edit batch."""
     early_stop: float = 0.95
