@@ -29,7 +29,14 @@ SETTINGS = {
     ],
     "ultraedit": ["lr=1e-5", "lr=1e-4", "", "lr=3e-3", "lr=1e-2", "part=mlp_in", "layers=12-17"],
     "memoir": ["threshold=0.4", "threshold=0.5", "", "threshold=0.7", "active=0.125", "layers=21"],
-    "elder": ["", "subject_gate=true", "subject_gate=true,deferral_radius=8"],
+    "elder": [
+        "subject_gate=false,deferral_radius=4",
+        "deferral_radius=4",
+        "deferral_radius=8",
+        "",  # the defaults: the subject gate, ε = 12
+        "deferral_radius=16",
+        "deferral_radius=25",
+    ],
 }
 METRICS = (
     "efficacy",

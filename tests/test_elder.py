@@ -186,7 +186,7 @@ def test_elder_raises_efficacy_and_trains_only_its_own_weights(tiny, requests_sm
     assert applied.codes.shape == (3, len(editor.layers) * 8)
     assert (applied.codes.sum(dim=1) == 2 * len(editor.layers)).all()
     config = editor.config_dict()
-    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 4
+    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 12
 
 
 def test_elder_defers_exactly_to_the_base_model(tiny, requests_small):
@@ -223,7 +223,7 @@ def test_elder_subject_gate_defers_prompts_that_do_not_name_an_edited_subject(ti
     # "Frances" holds "France" but not as a word.
     unnamed = ["Frances is a country whose capital is", "Where is the Colosseum?"]
     base = per_prompt(tiny, named + unnamed)
-    gated = make_editor("elder", tiny, layers="1-3", subject_gate=True, **ALWAYS)
+    gated = make_editor("elder", tiny, layers="1-3", **ALWAYS)  # the gate is on by default
     gated.apply(requests_small[:2])
     for prompt, before in zip(named + unnamed, base, strict=True):
         after = logits(tiny, [prompt])
@@ -233,7 +233,7 @@ def test_elder_subject_gate_defers_prompts_that_do_not_name_an_edited_subject(ti
     assert not torch.allclose(mixed[0], logits(same_model(tiny), ["where is the eiffel tower?"])[0])
     assert torch.equal(mixed[1][: base[3].shape[1]], base[3][0])
     gated.remove()
-    ungated = make_editor("elder", tiny, layers="1-3", **ALWAYS)
+    ungated = make_editor("elder", tiny, layers="1-3", subject_gate=False, **ALWAYS)
     ungated.apply(requests_small[:2])
     assert not any(
         torch.equal(logits(tiny, [p]), b) for p, b in zip(unnamed, base[2:], strict=True)

@@ -20,8 +20,9 @@ after its batch an edit's allocation is the LoRAs it was trained through,
 not its random draw; the routers are refitted to every held edit's query
 after each batch (`router_steps`); each batch rehearses earlier edits
 (`replay`, `anchor_weight`); the query comes from a lower layer
-(`query_layer`); and N, r and ε are larger (8 LoRAs of rank 32, ε = 4 of 48
-code bits).
+(`query_layer`); N, r and ε are larger (8 LoRAs of rank 32, ε = 12 of 48
+code bits); and an input must also name the subject of an edit whose code
+it is near (`subject_gate`).
 
 The adapters are forward hooks on the projections, owned by the editor: the
 model's modules, weights and state dict stay as they were.
@@ -76,18 +77,20 @@ class ElderConfig:
     """k: LoRAs each layer adds for one sequence."""
     guide_weight: float = 0.01
     """λ: weight of the guided loss -Σ log s_j over each edit's allocation."""
-    deferral_radius: int = 4
+    deferral_radius: int = 12
     """ε: an input uses the adapters when the Hamming distance from its
-    allocation code to the nearest edit's code is below ε. 4 of 48 bits kept
-    locality at 1.0 on zsRE; larger radii let unrelated inputs through
-    (docs/methods/elder.md)."""
-    subject_gate: bool = False
+    allocation code to an edit's code is below ε (codes of 48 bits differ in
+    at most 24). With the subject gate, 12 let more rephrases through than 4
+    at locality 0.98 over 1000 CounterFact edits; without it, 4 kept locality
+    at 1.0 on zsRE (docs/methods/elder.md)."""
+    subject_gate: bool = True
     """An input uses the adapters only if, besides its code, its prompt names
     the subject of an edit whose code is within ε (as a whole word, ignoring
     case); edits without a subject, and passes given embeddings rather than
     token ids, are judged on codes alone. Neighbourhood prompts (another
     subject, the same relation) route like the edit; they rarely name its
-    subject (docs/methods/elder.md)."""
+    subject: CounterFact locality went from 0.06 to 0.98 over 1000 edits, with
+    zsRE unchanged (docs/methods/elder.md)."""
     steps: int = 50
     """Most Adam iterations per edit batch."""
     early_stop: float = 0.95
