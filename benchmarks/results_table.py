@@ -204,10 +204,11 @@ def write_docs(runs: Path) -> None:
         general = general_table([plain[m] for m in methods if m in plain])
         if general:
             lines += ["", "### General abilities", "", general.rstrip("\n")]
+    changed = {id(r): _settings_since_changed(r) for r in results}
     stale = {
-        f"{run_label(r)} · {r.dataset.get('name')} ({', '.join(_settings_since_changed(r))})"
+        f"{run_label(r)} · {r.dataset.get('name')} ({', '.join(changed[id(r)])})"
         for r in results
-        if _settings_since_changed(r)
+        if changed[id(r)]
     }
     if stale:
         lines += [

@@ -519,12 +519,16 @@ def load_model(
         source, display_name, local_only = name, name, not allow_download
     transformers_logging.disable_progress_bar()
     try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
         if device_map is None:
-            config = AutoConfig.from_pretrained(source, local_files_only=local_only)
             check_fits(config, torch_dtype, torch.device(device), display_name)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, local_files_only=local_only, device_map=device_map
+            source,
+            config=config,
+            dtype=torch_dtype,
+            local_files_only=local_only,
+            device_map=device_map,
         )
     except OSError as error:
         hint = "" if allow_download else " (downloads are off; pass --allow-download to fetch it)"

@@ -182,9 +182,9 @@ def _styles(results: Sequence[LifelongResult]) -> list[dict[str, Any]]:
     styles = []
     for result in results:
         label = run_label(result)
+        variant = label != result.method
         if several_datasets:
             label += f" · {result.dataset.get('name', '?')}"
-        variant = run_label(result) != result.method
         styles.append(
             {
                 "label": label,

@@ -63,8 +63,8 @@ class HypernetEditor:
         HeldKeys.check(self.update_rule, self.config.earlier_keys_weight)
         self.meta = read_meta(self.config.checkpoint)
         if self.config.null_space_threshold is not None:
-            threshold, key_ridge = self.config.null_space_threshold, self.meta.get("key_ridge")
-            check_null_space_threshold(threshold, bool(key_ridge))
+            key_ridge = bool(self.meta.get("key_ridge"))
+            check_null_space_threshold(self.config.null_space_threshold, key_ridge)
         check_fits(self.meta, self.name, handle.name, self._shapes(self.meta))
         self.modules = [module["name"] for module in self.meta["modules"]]
         self.held: HeldKeys | None = None

@@ -145,8 +145,6 @@ class Hypernetwork(nn.Module):
         self.modules_edited = list(modules)
         self.update_rule = update_rule
         self.key_ridge = key_ridge
-        self.null_space_threshold = 0.0
-        self._null_spaces: dict[str, torch.Tensor] = {}
         self.project_updates(null_space_threshold)
         by_shape: dict[str, list[ModuleShape]] = {}
         for module in self.modules_edited:
@@ -189,7 +187,7 @@ class Hypernetwork(nn.Module):
         largest), so their outputs stay as they were; 0: no projection."""
         check_null_space_threshold(threshold, self.key_ridge)
         self.null_space_threshold = threshold
-        self._null_spaces = {}
+        self._null_spaces: dict[str, torch.Tensor] = {}
 
     def null_space(self, name: str) -> torch.Tensor:
         """The projector of `project_updates` for module `name`, from its ridge's statistics."""

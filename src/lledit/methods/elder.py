@@ -365,7 +365,8 @@ class ElderEditor(MemoryEditor):
                 re.compile(rf"(?<!\w){re.escape(r.subject.casefold())}(?!\w)")
                 if r.subject
                 else None
-                for r in self._held()[0]
+                for batch in self._batches
+                for r in batch.requests
             ]
         return self._subjects
 
@@ -373,23 +374,21 @@ class ElderEditor(MemoryEditor):
         self, codes: torch.Tensor, stored: torch.Tensor, prompts: list[str] | None
     ) -> torch.Tensor:
         """Whether each input uses the adapters: some edit's code lies within ε of
-        its code (Hamming distance below ε) and, with `subject_gate`, that edit's
-        subject is in its prompt.
+        its code (Hamming distance below ε) and, when `prompts` are given (the
+        subject gate), that edit's subject is in the input's prompt.
 
         Every code has exactly L·k bits set, so distance = 2 (L·k - overlap).
         """
         overlap = codes.float() @ stored.float().T
         near = 2 * (len(self.layers) * self.config.top_k) - 2 * overlap < self.deferral_radius
-        if not self.config.subject_gate or prompts is None:
+        if prompts is None:
             return near.any(dim=1)
         subjects = self._held_subjects()
-        passes = [
-            any(
-                subjects[edit] is None or subjects[edit].search(prompt.casefold()) is not None
-                for edit in row.nonzero()[:, 0].tolist()
-            )
-            for row, prompt in zip(near, prompts, strict=True)
-        ]
+        passes = []
+        for row, prompt in zip(near, prompts, strict=True):
+            text = prompt.casefold()
+            edits = row.nonzero()[:, 0].tolist()
+            passes.append(any(subjects[e] is None or subjects[e].search(text) for e in edits))
         return torch.tensor(passes, device=codes.device)
 
     @property
