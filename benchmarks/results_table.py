@@ -46,46 +46,56 @@ ANSWER = (
 def run_missing(
     runs: Path, datasets: list[str], methods: list[str], checkpoints: dict[str, str]
 ) -> None:
-    """Run every (dataset, method, EOS) combination that has no results.json yet."""
+    """Run every (dataset, method, EOS) combination that has no results.json yet:
+    first every method as it is (the table's rows), then the EOS variants (one
+    column of it), so that a sitting cut short leaves whole rows."""
     suite = load_general()
     runs.mkdir(parents=True, exist_ok=True)
     before_file = runs / "general_before.json"
-    for dataset_name in datasets:
+    for method in methods:
+        if _needs_network(method) and method not in checkpoints:
+            logging.warning("%s: no --checkpoint given, left out", method)
+    planned = [
+        (dataset_name, method, suffix)
+        for dataset_name in datasets
+        for method in methods
+        if not _needs_network(method) or method in checkpoints
+        for suffix in _variants(method)
+        if not (runs / dataset_name / (method + suffix) / "results.json").exists()
+    ]
+    planned.sort(key=lambda run: bool(run[2]))  # stable: rows first, then variants
+    for dataset_name, method, suffix in planned:
         dataset = load_dataset(dataset_name, "eval", limit=EDITS)
-        for method in methods:
-            needs_network = "checkpoint" in METHODS[method].config_class.__dataclass_fields__
-            if needs_network and method not in checkpoints:
-                logging.warning("%s: no --checkpoint given, left out", method)
-                continue
-            settings = {"checkpoint": checkpoints[method]} if needs_network else {}
-            for suffix in _variants(method):
-                out = runs / dataset_name / (method + suffix)
-                if (out / "results.json").exists():
-                    continue
-                append_eos = suffix == "+eos"
-                variant = {"append_eos": False} if suffix == "-eos" else {}
-                handle = load_model()
-                before = None
-                if not suffix:
-                    if not before_file.exists():
-                        before_file.write_text(json.dumps(score_general(handle, suite)))
-                    before = json.loads(before_file.read_text())
-                result = run_lifelong(
-                    handle,
-                    make_editor(method, handle, **settings, **variant),
-                    dataset.requests,
-                    BATCH,
-                    style=dataset.style,
-                    dataset=dataset.to_dict(),
-                    # The variant is there for the strict answer rate: answers only.
-                    scoring="answer" if suffix else "both",
-                    append_eos=append_eos,
-                    general=None if suffix else suite,
-                    general_before=before,
-                )
-                out.mkdir(parents=True, exist_ok=True)
-                result.save(out / "results.json")
-                logging.warning("%s: %s", out, result.metrics)
+        settings = {"checkpoint": checkpoints[method]} if _needs_network(method) else {}
+        if suffix == "-eos":
+            settings["append_eos"] = False
+        handle = load_model()
+        before = None
+        if not suffix:
+            if not before_file.exists():
+                before_file.write_text(json.dumps(score_general(handle, suite)))
+            before = json.loads(before_file.read_text())
+        result = run_lifelong(
+            handle,
+            make_editor(method, handle, **settings),
+            dataset.requests,
+            BATCH,
+            style=dataset.style,
+            dataset=dataset.to_dict(),
+            # The variant is there for the strict answer rate: answers only.
+            scoring="answer" if suffix else "both",
+            append_eos=suffix == "+eos",
+            general=None if suffix else suite,
+            general_before=before,
+        )
+        out = runs / dataset_name / (method + suffix)
+        out.mkdir(parents=True, exist_ok=True)
+        result.save(out / "results.json")
+        logging.warning("%s: %s", out, result.metrics)
+
+
+def _needs_network(method: str) -> bool:
+    return "checkpoint" in METHODS[method].config_class.__dataclass_fields__
 
 
 def _appends_eos_itself(method: str) -> bool:
