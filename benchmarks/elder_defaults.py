@@ -34,7 +34,7 @@ ELDER_SETTINGS = [
     "replay=10",
     "",  # the defaults
 ]
-RADII = (2, 4, 6, 8, 12)
+RADII = (4, 8, 12, 16, 25)  # codes of 48 bits differ in at most 24
 GRACE_RADII = (1.0, 10.0, 30.0)
 METRICS = (
     "efficacy_exact",
