@@ -713,16 +713,6 @@ def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, reques
     assert rows == [1] * 4
 
 
-def test_elder_new_first_trains_the_new_edits_alone_then_rehearses(tiny, requests_small):
-    editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=3, new_first=True)
-    with sequences_per_pass(tiny) as rows:
-        editor.apply(requests_small[:2])
-    assert rows == [2] * 4  # nothing held yet: one phase
-    with sequences_per_pass(tiny) as rows:
-        editor.apply(requests_small[2:])
-    assert rows == [1] * 4 + [1 + 2] * 4  # the new edit alone, then with two earlier ones
-
-
 def test_elder_rehearses_the_held_edits_in_turn(tiny):
     requests = [EditRequest(prompt, "Rome") for prompt in UNRELATED]
     editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=1)

@@ -103,11 +103,6 @@ class ElderConfig:
     edit still held, so that none waits longer than the others; 0: none, as
     in the paper, where each batch overwrote the shared LoRAs
     (docs/methods/elder.md)."""
-    new_first: bool = False
-    """Train the new edits alone first (10 sequences a step rather than 70 for
-    batches of 10 with `replay=60`), then the new and the rehearsed edits together only until both
-    are back above `early_stop`: rehearsal as a repair rather than in every
-    step. False: every step runs both, as before (docs/methods/elder.md)."""
     anchor_weight: float = 1.0
     """Weight of the guided loss on every held edit's stored query (no model
     pass needed), which keeps the routers sending earlier edits to their
@@ -518,19 +513,31 @@ class ElderEditor(MemoryEditor):
         )
         trained = batch + rehearsed
         allocations = torch.cat([allocation, rehearsed_allocation])
-        phases = [(trained, allocations)]
-        if self.config.new_first and rehearsed:
-            phases.insert(0, (batch, allocation))
+        tokens = edit_batch(
+            self.handle, [r.prompt for r in trained], [r.target_new for r in trained]
+        )
+        new_tokens = tokens.target_rows < len(batch)
         before = self._snapshot()
         optimizer = torch.optim.Adam(self._parameters(), lr=self.config.lr)
         self._local.training = True
         try:
-            steps = []
-            for requests, wanted in phases:
-                routing, probability, step = self._train(
-                    requests, len(batch), wanted, held_queries, held_allocations, optimizer
-                )
-                steps.append(step)
+            with self.handle.frozen_below(self.layers[0], tokens):
+                for step in range(self.config.steps + 1):
+                    logits = self.handle.target_logits(tokens)
+                    routing = self.current_routing
+                    token_losses = F.cross_entropy(logits, tokens.target_ids, reduction="none")
+                    edit_loss = token_losses.mean()
+                    probability = _lowest_mean_probability(token_losses, new_tokens)
+                    if probability >= self.config.early_stop or step == self.config.steps:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    guide = -routing.log_probs.gather(-1, allocations).sum(dim=(1, 2)).mean()
+                    loss = edit_loss + self.config.guide_weight * guide
+                    if len(held_queries) and self.config.anchor_weight:
+                        held = self._route(held_queries).log_probs.gather(-1, held_allocations)
+                        loss = loss - self.config.anchor_weight * held.sum(dim=(1, 2)).mean()
+                    loss.backward()
+                    optimizer.step()
             queries = routing.queries[: len(batch)].detach()
             trained_through = routing.indices[: len(batch)].detach().clone()
             self._fit_routers(
@@ -538,7 +545,7 @@ class ElderEditor(MemoryEditor):
                 torch.cat([held_allocations, trained_through]),
             )
             logger.debug(
-                "elder batch of %d: steps %s, p(target) %.3f", len(batch), steps, probability
+                "elder batch of %d: %d steps, p(target) %.3f", len(batch), step, probability
             )
             deltas, after = self._settle(before)
         except BaseException:
@@ -554,40 +561,6 @@ class ElderEditor(MemoryEditor):
             "rehearsal_end": torch.tensor(rehearsal_end),
         }
         return ElderEdit(self, record, held, deltas, before, after)
-
-    def _train(
-        self,
-        requests: list[EditRequest],
-        n_new: int,
-        allocations: torch.Tensor,
-        held_queries: torch.Tensor,
-        held_allocations: torch.Tensor,
-        optimizer: torch.optim.Optimizer,
-    ) -> tuple[Routing, float, int]:
-        """Adam steps on `requests` (the first `n_new` of them new) towards their
-        allocations until `early_stop` or `steps`; the last pass's routing, the
-        lower of the new and the rehearsed edits' probabilities, and the steps taken."""
-        tokens = edit_batch(
-            self.handle, [r.prompt for r in requests], [r.target_new for r in requests]
-        )
-        new_tokens = tokens.target_rows < n_new
-        with self.handle.frozen_below(self.layers[0], tokens):
-            for step in range(self.config.steps + 1):
-                logits = self.handle.target_logits(tokens)
-                routing = self.current_routing
-                token_losses = F.cross_entropy(logits, tokens.target_ids, reduction="none")
-                probability = _lowest_mean_probability(token_losses, new_tokens)
-                if probability >= self.config.early_stop or step == self.config.steps:
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                guide = -routing.log_probs.gather(-1, allocations).sum(dim=(1, 2)).mean()
-                loss = token_losses.mean() + self.config.guide_weight * guide
-                if len(held_queries) and self.config.anchor_weight:
-                    held = self._route(held_queries).log_probs.gather(-1, held_allocations)
-                    loss = loss - self.config.anchor_weight * held.sum(dim=(1, 2)).mean()
-                loss.backward()
-                optimizer.step()
-        return routing, probability, step
 
     def _held_batch(self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]) -> _Batch:
         """The edits (for rehearsal), their allocations and queries, and where rehearsal stands."""
