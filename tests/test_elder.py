@@ -186,7 +186,7 @@ def test_elder_raises_efficacy_and_trains_only_its_own_weights(tiny, requests_sm
     assert applied.codes.shape == (3, len(editor.layers) * 8)
     assert (applied.codes.sum(dim=1) == 2 * len(editor.layers)).all()
     config = editor.config_dict()
-    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 12
+    assert config["modules"][0].endswith(tiny.arch.mlp_out) and config["deferral_radius"] == 16
 
 
 def test_elder_defers_exactly_to_the_base_model(tiny, requests_small):

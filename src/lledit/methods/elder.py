@@ -20,7 +20,7 @@ after its batch an edit's allocation is the LoRAs it was trained through,
 not its random draw; the routers are refitted to every held edit's query
 after each batch (`router_steps`); each batch rehearses earlier edits
 (`replay`, `anchor_weight`); the query comes from a lower layer
-(`query_layer`); N, r and ε are larger (8 LoRAs of rank 32, ε = 12 of 48
+(`query_layer`); N, r and ε are larger (8 LoRAs of rank 32, ε = 16 of 48
 code bits); and an input must also name the subject of an edit whose code
 it is near (`subject_gate`).
 
@@ -77,12 +77,12 @@ class ElderConfig:
     """k: LoRAs each layer adds for one sequence."""
     guide_weight: float = 0.01
     """λ: weight of the guided loss -Σ log s_j over each edit's allocation."""
-    deferral_radius: int = 12
+    deferral_radius: int = 16
     """ε: an input uses the adapters when the Hamming distance from its
     allocation code to an edit's code is below ε (codes of 48 bits differ in
-    at most 24). With the subject gate, 12 let more rephrases through than 4
-    at locality 0.98 over 1000 CounterFact edits; without it, 4 kept locality
-    at 1.0 on zsRE (docs/methods/elder.md)."""
+    at most 24). With the subject gate, 16 let more rephrases through than 12
+    on 200 CounterFact and zsRE edits at the same locality; without the gate,
+    4 kept locality at 1.0 on zsRE (docs/methods/elder.md)."""
     subject_gate: bool = True
     """An input uses the adapters only if, besides its code, its prompt names
     the subject of an edit whose code is within ε (as a whole word, ignoring
