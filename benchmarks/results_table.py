@@ -29,7 +29,7 @@ from lledit import METHODS, load_dataset, load_model, make_editor, progress, run
 from lledit.cli import ProgressBars
 from lledit.eval.general import load_general, score_general
 from lledit.eval.lifelong import LifelongResult
-from lledit.eval.report import general_table, run_label
+from lledit.eval.report import general_table, plot_comparison, plot_retention_by_age, run_label
 
 DATASETS = ("zsre", "counterfact")
 EDITS, BATCH = 1000, 10
@@ -214,6 +214,7 @@ def write_docs(runs: Path) -> None:
         general = general_table([plain[m] for m in methods if m in plain])
         if general:
             lines += ["", "### General abilities", "", general.rstrip("\n")]
+        lines += _plots([plain[m] for m in methods if m in plain], dataset.split("/")[0])
     changed = {id(r): _settings_since_changed(r) for r in results}
     stale = {
         f"{run_label(r)} · {r.dataset.get('name')} ({', '.join(changed[id(r)])})"
@@ -233,6 +234,22 @@ def write_docs(runs: Path) -> None:
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
     (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _plots(results: list[LifelongResult], name: str) -> list[str]:
+    """The comparison and retention-by-age plots of one dataset's rows, drawn into
+    docs/img/ (as `lledit report` draws them), and the page's lines that show them."""
+    if not results:
+        return []
+    images = ROOT / "docs" / "img"
+    images.mkdir(exist_ok=True)
+    lines = ["", "### Plots", ""]
+    comparison = plot_comparison(results, images / f"results-{name}-comparison.png")
+    lines += [f"![{name}: every metric of every method](img/{comparison.name})"]
+    retention = plot_retention_by_age(results, images / f"results-{name}-retention-by-age.png")
+    if retention is not None:
+        lines += ["", f"![{name}: efficacy and generalization by edit age](img/{retention.name})"]
+    return lines
 
 
 def main() -> None:
