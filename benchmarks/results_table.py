@@ -64,8 +64,9 @@ def run_missing(
         if not (runs / dataset_name / (method + suffix) / "results.json").exists()
     ]
     planned.sort(key=lambda run: bool(run[2]))  # stable: rows first, then variants
+    loaded = {name: load_dataset(name, "eval", limit=EDITS) for name, _, _ in planned}
     for dataset_name, method, suffix in planned:
-        dataset = load_dataset(dataset_name, "eval", limit=EDITS)
+        dataset = loaded[dataset_name]
         settings = {"checkpoint": checkpoints[method]} if _needs_network(method) else {}
         if suffix == "-eos":
             settings["append_eos"] = False
@@ -211,10 +212,11 @@ def write_docs(runs: Path) -> None:
             ]
             rows.append([method, *cells])
         lines += _table(header, rows)
-        general = general_table([plain[m] for m in methods if m in plain])
+        rows_run = [plain[m] for m in methods if m in plain]
+        general = general_table(rows_run)
         if general:
             lines += ["", "### General abilities", "", general.rstrip("\n")]
-        lines += _plots([plain[m] for m in methods if m in plain], dataset.split("/")[0])
+        lines += _plots(rows_run, dataset.split("/")[0])
     changed = {id(r): _settings_since_changed(r) for r in results}
     stale = {
         f"{run_label(r)} · {r.dataset.get('name')} ({', '.join(changed[id(r)])})"

@@ -33,8 +33,8 @@ SETTINGS = {
         "subject_gate=false,deferral_radius=4",
         "deferral_radius=4",
         "deferral_radius=8",
-        "",  # the defaults: the subject gate, ε = 12
-        "deferral_radius=16",
+        "deferral_radius=12",
+        "",  # the defaults: the subject gate, ε = 16
         "deferral_radius=25",
     ],
 }

@@ -323,7 +323,7 @@ def key_covariances(
                 moment.count,
                 samples,
             )
-        covariance = (moment.total / moment.count).float().cpu()
+        covariance = moment.total.div_(moment.count).float().cpu()
         info = {"count": moment.count, "dtype": str(handle.dtype).removeprefix("torch.")}
         if corpus is not None:
             info["corpus"] = str(corpus)

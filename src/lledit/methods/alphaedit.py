@@ -44,8 +44,8 @@ def alphaedit_delta(
     """
     k = keys.double()
     p = projection.to(k)
-    identity = torch.eye(len(p), dtype=k.dtype, device=k.device)
-    system = p @ (past.to(k) + k @ k.T) + l2 * identity
+    system = p @ (past.to(k) + k @ k.T)
+    system.diagonal().add_(l2)  # + l2·I, without a d_in x d_in identity
     return (torch.linalg.solve(system, p @ k @ residual.double().T).T @ p).float()
 
 
