@@ -7,12 +7,14 @@ Each run (default model, 1000 edits in batches of 10) is written to
 exists, so the table can be built over several sittings (a method that
 appends EOS itself, as LocFT-BF does, is run as it is and, for the
 comparison, without it: `<method>-eos`). Methods that need a trained
-network take it from `--checkpoint METHOD=DIR` and are left out without
-one. Then `docs/results.md` and `docs/results.json` are rebuilt from every
-finished run.
+network take it from `--checkpoint METHOD=DIR`, or for one dataset only
+from `--checkpoint DATASET/METHOD=DIR` (which wins), and are left out
+without one. Then `docs/results.md` and `docs/results.json` are rebuilt from
+every finished run.
 
 Run: `python benchmarks/results_table.py [--runs runs/results] [--datasets zsre]
-[--methods ft,grace] [--checkpoint rledit=runs/ckpt/rledit] [--only-docs]`.
+[--methods ft,grace] [--checkpoint rledit=runs/ckpt/rledit]
+[--checkpoint counterfact/rledit=runs/ckpt/rledit-cf] [--only-docs]`.
 """
 
 from __future__ import annotations
@@ -52,14 +54,20 @@ def run_missing(
     suite = load_general()
     runs.mkdir(parents=True, exist_ok=True)
     before_file = runs / "general_before.json"
-    for method in methods:
-        if _needs_network(method) and method not in checkpoints:
-            logging.warning("%s: no --checkpoint given, left out", method)
+    network = {
+        (dataset_name, method): checkpoints.get(f"{dataset_name}/{method}", checkpoints.get(method))
+        for dataset_name in datasets
+        for method in methods
+        if _needs_network(method)
+    }
+    for (dataset_name, method), checkpoint in network.items():
+        if checkpoint is None:
+            logging.warning("%s on %s: no --checkpoint given, left out", method, dataset_name)
     planned = [
         (dataset_name, method, suffix)
         for dataset_name in datasets
         for method in methods
-        if not _needs_network(method) or method in checkpoints
+        if network.get((dataset_name, method), "") is not None
         for suffix in _variants(method)
         if not (runs / dataset_name / (method + suffix) / "results.json").exists()
     ]
@@ -67,7 +75,7 @@ def run_missing(
     loaded = {name: load_dataset(name, "eval", limit=EDITS) for name, _, _ in planned}
     for dataset_name, method, suffix in planned:
         dataset = loaded[dataset_name]
-        settings = {"checkpoint": checkpoints[method]} if _needs_network(method) else {}
+        settings = {"checkpoint": network[dataset_name, method]} if _needs_network(method) else {}
         if suffix == "-eos":
             settings["append_eos"] = False
         handle = load_model()
@@ -168,9 +176,9 @@ def write_docs(runs: Path) -> None:
         f"{EDITS} edits in batches of {BATCH}, scored on the final model. Regenerate with "
         "`python benchmarks/results_table.py` (runs are resumable; `--only-docs` rebuilds this "
         "page from the runs). The same numbers are in `docs/results.json`. MEND, MALMEN and "
-        "RLEdit edit with a network trained beforehand on the zsRE training split with the "
-        "default settings (`lledit train -m METHOD --data zsre --out runs/ckpt/METHOD`, then "
-        "`--checkpoint METHOD=runs/ckpt/METHOD`); the same network edits CounterFact.",
+        "RLEdit edit with a network trained beforehand with the default settings (`lledit "
+        "train -m METHOD --data DATASET --out DIR`, then `--checkpoint [DATASET/]METHOD=DIR`)"
+        f"{_networks(results)}.",
         "",
         "Teacher-forced metrics feed the target to the model; answer metrics score its own "
         "greedy answer, cut at EOS, a newline or the end of the first clause (`_em`: the answer "
@@ -236,6 +244,23 @@ def write_docs(runs: Path) -> None:
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
     (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _networks(results: list[LifelongResult]) -> str:
+    """Which trained network each dataset's rows edited with, and what it was trained on."""
+    used = sorted(
+        {
+            (r.method, str(r.dataset.get("name")), str(r.method_config["checkpoint"]))
+            for r in results
+            if r.method_config.get("checkpoint")
+        }
+    )
+    parts = []
+    for method, dataset, checkpoint in used:
+        meta = ROOT / checkpoint / "checkpoint.json"
+        trained = json.loads(meta.read_text())["data"]["name"] if meta.is_file() else "unknown"
+        parts.append(f"{method} on {dataset}: `{checkpoint}`, trained on {trained}")
+    return ": " + "; ".join(parts) if parts else ""
 
 
 def _plots(results: list[LifelongResult], name: str) -> list[str]:
