@@ -32,6 +32,7 @@ from lledit.cli import ProgressBars
 from lledit.eval.general import load_general, score_general
 from lledit.eval.lifelong import LifelongResult
 from lledit.eval.report import general_table, plot_comparison, plot_retention_by_age, run_label
+from lledit.hypernet.checkpoint import CheckpointError, read_meta
 
 DATASETS = ("zsre", "counterfact")
 EDITS, BATCH = 1000, 10
@@ -60,14 +61,14 @@ def run_missing(
         for method in methods
         if _needs_network(method)
     }
-    for (dataset_name, method), checkpoint in network.items():
-        if checkpoint is None:
-            logging.warning("%s on %s: no --checkpoint given, left out", method, dataset_name)
+    left_out = {run for run, checkpoint in network.items() if checkpoint is None}
+    for dataset_name, method in sorted(left_out):
+        logging.warning("%s on %s: no --checkpoint given, left out", method, dataset_name)
     planned = [
         (dataset_name, method, suffix)
         for dataset_name in datasets
         for method in methods
-        if network.get((dataset_name, method), "") is not None
+        if (dataset_name, method) not in left_out
         for suffix in _variants(method)
         if not (runs / dataset_name / (method + suffix) / "results.json").exists()
     ]
@@ -220,11 +221,11 @@ def write_docs(runs: Path) -> None:
             ]
             rows.append([method, *cells])
         lines += _table(header, rows)
-        rows_run = [plain[m] for m in methods if m in plain]
-        general = general_table(rows_run)
+        row_runs = [plain[m] for m in methods if m in plain]
+        general = general_table(row_runs)
         if general:
             lines += ["", "### General abilities", "", general.rstrip("\n")]
-        lines += _plots(rows_run, dataset.split("/")[0])
+        lines += _plots(row_runs, dataset.split("/")[0])
     changed = {id(r): _settings_since_changed(r) for r in results}
     stale = {
         f"{run_label(r)} · {r.dataset.get('name')} ({', '.join(changed[id(r)])})"
@@ -257,8 +258,10 @@ def _networks(results: list[LifelongResult]) -> str:
     )
     parts = []
     for method, dataset, checkpoint in used:
-        meta = ROOT / checkpoint / "checkpoint.json"
-        trained = json.loads(meta.read_text())["data"]["name"] if meta.is_file() else "unknown"
+        try:
+            trained = read_meta(ROOT / checkpoint).get("data", {}).get("name", "unknown")
+        except CheckpointError:  # the network is not on this machine
+            trained = "unknown"
         parts.append(f"{method} on {dataset}: `{checkpoint}`, trained on {trained}")
     return ": " + "; ".join(parts) if parts else ""
 
