@@ -14,7 +14,7 @@ LAYERS = (
     ("lledit.data",),
     ("lledit.tokens", "lledit.layers", "lledit.progress", "lledit.checks", "lledit.moments"),
     ("lledit.model",),
-    ("lledit.edit", "lledit.memory"),
+    ("lledit.edit", "lledit.memory", "lledit.footprint"),
     ("lledit.stats",),
     ("lledit.locate",),
     ("lledit.eval",),

@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lledit import METHODS
+from lledit import model as model_module
 from lledit.cli import app
 
 runner = CliRunner()
@@ -37,6 +38,18 @@ def test_bench_writes_results_table_and_curve(tiny_dir, tmp_path):
     assert [point["edits"] for point in saved["curve"]] == [3, 6]
     assert "| ft |" in (out / "results.md").read_text()
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_refuses_a_model_and_method_that_will_not_fit_before_loading(
+    tiny, tiny_dir, tmp_path, monkeypatch
+):
+    weights = sum(p.numel() * p.element_size() for p in tiny.model.parameters())
+    monkeypatch.setattr(model_module, "free_memory", lambda device: weights + 1)
+    out = tmp_path / "run"
+    result = bench("--method", "memit", "--model", str(tiny_dir), "--edits", "2", "--out", str(out))
+    assert result.exit_code == 2
+    assert "for memit's own tensors" in result.output and "cpu has" in result.output
+    assert not out.exists()
 
 
 def test_bench_compares_methods(tiny_dir, tmp_path):

@@ -10,6 +10,8 @@ models. The checklist for method authors:
 - `config_dict` is JSON, names the edited modules, and the settings in it
   rebuild the same editor through `make_editor`;
 - `KEY=VALUE` settings (the CLI's `--set`) reach the config;
+- `memory_share` counts the same on a meta-device skeleton as on the model,
+  and at least the deltas a batch keeps;
 - a method with state (`save`/`load`) reloads into the same outputs.
 """
 
@@ -31,11 +33,12 @@ import torch
 from accelerate import dispatch_model
 from conftest import assert_weights_equal, make_tiny_model, snapshot
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from lledit import EditRequest, make_editor
 from lledit.hypernet.training import HypernetTrainer
 from lledit.journal import Journal, JournaledModel
-from lledit.methods import METHODS, parse_settings, train_config_class
+from lledit.methods import METHODS, editor_share, parse_settings, train_config_class
 from lledit.model import ModelHandle, load_model
 
 FAST = {
@@ -148,6 +151,21 @@ def test_method_contract(method, tiny, checkpoints, tmp_path):
         restored = _copy(tiny)
         make_editor(method, restored, **settings).load(tmp_path / method)
         assert torch.equal(_outputs(restored), expected)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_editor_counts_its_memory_on_the_model_skeleton_as_on_the_model(
+    method, tiny, checkpoints
+):
+    settings = _settings(method, tiny.arch.name, checkpoints)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(tiny.model.config)
+    on_skeleton = ModelHandle(skeleton, tiny.tokenizer, tiny.name)
+    counted, share = editor_share(method, **settings)(on_skeleton)
+    editor = make_editor(method, tiny, **settings)
+    assert (counted, share) == (method, editor.memory_share())
+    kept = getattr(editor.apply(BATCH), "deltas", {}).values()
+    assert share >= sum(tensor.numel() * tensor.element_size() for tensor in kept)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

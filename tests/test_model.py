@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from lledit import make_editor
 from lledit import model as model_module
+from lledit.methods import editor_share
 from lledit.model import (
     ModelDoesNotFitError,
     ModelHandle,
@@ -74,8 +76,6 @@ def test_a_model_too_large_for_its_device_is_refused_before_loading(tiny, tmp_pa
     tiny.model.save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)
     size = sum(p.numel() * p.element_size() for p in tiny.model.parameters())
-    assert model_module.weights_size(tiny.model.config, torch.float32) == size
-    assert model_module.weights_size(tiny.model.config, torch.bfloat16) == size // 2
 
     def never(*args, **kwargs):
         raise AssertionError("the weights were loaded")
@@ -88,8 +88,27 @@ def test_a_model_too_large_for_its_device_is_refused_before_loading(tiny, tmp_pa
     assert str(tmp_path) in message and "float32" in message and "cpu has" in message
     assert "--device-map auto" in message
     monkeypatch.undo()
+    monkeypatch.setattr(model_module, "free_memory", lambda device: size // 2)
+    assert isinstance(load_model(str(tmp_path), dtype="bfloat16"), ModelHandle)
     monkeypatch.setattr(model_module, "free_memory", lambda device: size)
     assert isinstance(load_model(str(tmp_path)), ModelHandle)
+
+
+def test_a_model_that_fits_but_not_with_its_editor_is_refused_naming_the_method(
+    tiny, tmp_path, monkeypatch
+):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    size = sum(p.numel() * p.element_size() for p in tiny.model.parameters())
+    share = make_editor("ft", tiny).memory_share()
+    assert share > 0
+    monkeypatch.setattr(model_module, "free_memory", lambda device: size + share - 1)
+    with pytest.raises(ModelDoesNotFitError) as refused:
+        load_model(str(tmp_path), editor_share=editor_share("ft"))
+    message = str(refused.value)
+    assert "for ft's own tensors" in message and "--set layers" in message
+    monkeypatch.setattr(model_module, "free_memory", lambda device: size + share)
+    assert isinstance(load_model(str(tmp_path), editor_share=editor_share("ft")), ModelHandle)
 
 
 def test_unknown_model_id_is_not_downloaded():

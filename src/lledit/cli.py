@@ -53,6 +53,7 @@ from lledit.methods import (
     METHODS,
     UnknownMethodError,
     config_fields,
+    editor_share,
     make_editor,
     method_class,
     parse_settings,
@@ -300,6 +301,7 @@ def bench(
                 dtype=dtype,
                 allow_download=allow_download,
                 device_map=device_map,
+                editor_share=editor_share(name, **per_method[name]),
             )
             editor = make_editor(name, handle, **per_method[name])
             results.append(
@@ -568,7 +570,12 @@ def _open_journaled(
     """The base model brought to the journal's state, with an editor for new batches."""
     overrides = parse_settings(method, settings or [])
     handle = load_model(
-        model, device=device, dtype=dtype, allow_download=allow_download, device_map=device_map
+        model,
+        device=device,
+        dtype=dtype,
+        allow_download=allow_download,
+        device_map=device_map,
+        editor_share=editor_share(method, **overrides),
     )
     editor = make_editor(method, handle, **overrides)
     opened = Journal(journal)

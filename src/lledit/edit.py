@@ -38,13 +38,18 @@ class EditMethod(Protocol):
     method edits as resolved on this model. An editor whose later batches
     depend on earlier ones (held keys, a memory) records that in the applied
     batch's `held` and takes it back after a restart with
-    `hold(held, requests) -> release`.
+    `hold(held, requests) -> release`. `memory_share` counts the bytes it
+    will hold on the model's device beyond the weights (see `lledit.footprint`);
+    it works on a handle whose weights are on the meta device, so that a model
+    is refused before it loads.
     `tests/test_contract.py` checks every registered method against this.
     """
 
     name: ClassVar[str]
 
     def prepare(self) -> None: ...
+
+    def memory_share(self) -> int: ...
 
     def apply(self, batch: Sequence[EditRequest]) -> AppliedEdit: ...
 

@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lledit.data.request import EditRequest
 from lledit.edit import added_weights
+from lledit.footprint import FLOAT32, TRAINED
 from lledit.model import ModelHandle, SequenceWatch
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,14 @@ class MemoryEditor:
 
     def prepare(self) -> None:
         return None
+
+    def memory_share(self) -> int:
+        """The trained tensors with Adam's state, and the three copies a batch
+        makes of them (before, change, after). What grows with the edits held
+        (keys, codes, a codebook) is left out: the stream's length is not known
+        when the model loads."""
+        values = sum(tensor.numel() for tensor in self.tensors().values())
+        return (TRAINED + 3 * FLOAT32) * values
 
     def _one_module(self, layers: str | None, part: str, only: Literal["first", "last"]) -> str:
         """The one module `layers` and `part` name (by default `only` the first or the

@@ -7,7 +7,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,7 @@ class ModelLoadError(RuntimeError):
 
 
 class ModelDoesNotFitError(ModelLoadError):
-    """The model's weights alone need more memory than its device has free."""
+    """The model's weights, with the editor's share, need more memory than its device has free."""
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -61,31 +61,45 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def weights_size(config, dtype: torch.dtype) -> int:
-    """Bytes of a model's weights in `dtype`, from its config, allocating none of them."""
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return sum(p.numel() * p.element_size() for p in skeleton.parameters())
+EditorShare = Callable[["ModelHandle"], tuple[str, int]]
+"""An editor's name and the bytes it will hold beyond the weights (its
+`memory_share`), from a handle on the model's meta-device skeleton."""
 
 
-def check_fits(config, dtype: torch.dtype, device: torch.device, name: str) -> None:
-    """Refuse, before loading, a model whose weights alone exceed `device`'s free memory.
+def check_fits(
+    config,
+    tokenizer,
+    dtype: torch.dtype,
+    device: torch.device,
+    name: str,
+    editor_share: EditorShare | None = None,
+) -> None:
+    """Refuse, before loading, a model whose weights and editor exceed `device`'s free memory.
 
-    Editing needs more on top (the method's statistics, deltas, activations;
-    docs/scaling.md has them per method), so passing this check is necessary,
-    not sufficient.
+    Both are counted on a skeleton of the model on the meta device, which
+    allocates nothing. Activations are not counted, so passing this check is
+    necessary, not sufficient.
     """
     free = free_memory(device)
     if free is None:
         return
-    needed = weights_size(config, dtype)
-    if needed > free:
-        raise ModelDoesNotFitError(
-            f"model '{name}' needs {needed / 2**30:.1f} GiB for its weights in "
-            f"{str(dtype).removeprefix('torch.')}, and {device} has {free / 2**30:.1f} GiB free; "
-            "load it in bfloat16 (--dtype bfloat16) or split it over several GPUs "
-            "(--device-map auto)"
-        )
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    method, share = (
+        (None, 0) if editor_share is None else editor_share(ModelHandle(skeleton, tokenizer, name))
+    )
+    if weights + share <= free:
+        return
+    needs = f"{weights / 2**30:.1f} GiB for its weights in {str(dtype).removeprefix('torch.')}"
+    ways_out = ["load it in bfloat16 (--dtype bfloat16)"]
+    if method is not None:
+        needs += f" and about {share / 2**30:.1f} GiB for {method}'s own tensors"
+        ways_out.append("edit fewer layers (--set layers=...)")
+    raise ModelDoesNotFitError(
+        f"model '{name}' needs {needs}, and {device} has {free / 2**30:.1f} GiB free; "
+        f"{', '.join(ways_out)} or split it over several GPUs (--device-map auto)"
+    )
 
 
 @dataclass(frozen=True)
@@ -195,7 +209,8 @@ class ModelHandle:
                 weight = self.weight_of(name)
             except (KeyError, TypeError) as error:
                 raise ValueError(f"part {part!r}: {error.args[0]}") from None
-            if weight.device.type == "meta":
+            if weight.is_meta and not all(p.is_meta for p in self.model.parameters()):
+                # A skeleton wholly on the meta device is counted, not edited (`check_fits`).
                 raise ValueError(
                     f"module '{name}' is offloaded by the device map (its weight is on the meta "
                     "device); edited modules must sit on a GPU or the CPU: give the map more "
@@ -493,6 +508,16 @@ def default_model_folder() -> Path:
     return cache
 
 
+@contextmanager
+def _model_files(name: str, allow_download: bool) -> Iterator[None]:
+    """Turn a model's missing or unreadable files into a `ModelLoadError` that says what to do."""
+    try:
+        yield
+    except OSError as error:
+        hint = "" if allow_download else " (downloads are off; pass --allow-download to fetch it)"
+        raise ModelLoadError(f"could not load model '{name}'{hint}: {error}") from error
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -500,6 +525,7 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     allow_download: bool = False,
     device_map: str | dict[str, str | int] | None = None,
+    editor_share: EditorShare | None = None,
 ) -> ModelHandle:
     """Load a causal LM and its tokenizer.
 
@@ -508,8 +534,9 @@ def load_model(
     ids are looked up in the local cache only, unless `allow_download`.
     `device_map` ("auto", or accelerate's module → device mapping) splits a
     model too large for one device across several, in place of `device`;
-    without one, a model whose weights exceed the device's free memory is
-    refused before loading (`check_fits`).
+    without one, a model whose weights, with `editor_share` (the editor that
+    will edit it), exceed the device's free memory is refused before loading
+    (`check_fits`).
     """
     torch_dtype = resolve_dtype(dtype)
     started = time.perf_counter()
@@ -519,20 +546,22 @@ def load_model(
         source, display_name, local_only = name, name, not allow_download
     transformers_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        with _model_files(display_name, allow_download):
+            config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         if device_map is None:
-            check_fits(config, torch_dtype, torch.device(device), display_name)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            dtype=torch_dtype,
-            local_files_only=local_only,
-            device_map=device_map,
-        )
-    except OSError as error:
-        hint = "" if allow_download else " (downloads are off; pass --allow-download to fetch it)"
-        raise ModelLoadError(f"could not load model '{display_name}'{hint}: {error}") from error
+            # The editor's own errors (a missing checkpoint) are its, not the model's.
+            check_fits(
+                config, tokenizer, torch_dtype, torch.device(device), display_name, editor_share
+            )
+        with _model_files(display_name, allow_download):
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                dtype=torch_dtype,
+                local_files_only=local_only,
+                device_map=device_map,
+            )
     finally:
         transformers_logging.enable_progress_bar()
     if device_map is None:

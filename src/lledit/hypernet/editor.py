@@ -5,14 +5,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from lledit.data.request import EditRequest
 from lledit.edit import WeightDelta, apply_weight_deltas
+from lledit.footprint import FLOAT32, FLOAT64, squares, undo_share
 from lledit.hypernet.capture import capture_gradients, keys_of
-from lledit.hypernet.checkpoint import check_fits, load_network, read_meta
+from lledit.hypernet.checkpoint import NETWORK_FILE, check_fits, load_network, read_meta
 from lledit.hypernet.held_keys import HeldKeys
 from lledit.hypernet.network import Hypernetwork, check_null_space_threshold
 from lledit.model import ModelHandle, edit_batch
@@ -104,6 +106,22 @@ class HypernetEditor:
     def config_dict(self) -> dict[str, Any]:
         trained = self.meta.get("train_config", {})
         return {**asdict(self.config), "modules": self.modules, "trained_with": trained}
+
+    def memory_share(self) -> int:
+        """The network (its file's size until it is loaded), the held keys' P of
+        every module (float64), the null-space projectors (float32, each formed
+        in float64) and the batch's undo record."""
+        sizes = squares(self.handle, self.modules)
+        if self.network is None:
+            share = (Path(self.config.checkpoint) / NETWORK_FILE).stat().st_size
+        else:
+            tensors = [*self.network.parameters(), *self.network.buffers()]
+            share = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        if self.config.earlier_keys_weight:
+            share += FLOAT64 * sum(sizes)
+        if self.config.null_space_threshold is not None:
+            share += FLOAT32 * sum(sizes) + 3 * FLOAT64 * max(sizes)
+        return share + undo_share(self.handle, self.modules)
 
     def apply(self, batch: Sequence[EditRequest]) -> WeightDelta:
         if not batch:

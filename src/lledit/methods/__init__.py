@@ -21,7 +21,7 @@ from lledit.methods.mend import MEND
 from lledit.methods.none import NoEdit
 from lledit.methods.rledit import RLEdit
 from lledit.methods.ultraedit import UltraEdit, UltraEditConfig
-from lledit.model import ModelHandle
+from lledit.model import EditorShare, ModelHandle
 
 METHODS: dict[str, type] = {
     method.name: method
@@ -131,6 +131,16 @@ def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
     return method(handle, method.config_class(**settings))
 
 
+def editor_share(name: str, **settings: Any) -> EditorShare:
+    """What `load_model` adds to the weights for editor `name` with `settings`:
+    the editor is built on the model's meta-device skeleton and counts itself."""
+
+    def share(skeleton: ModelHandle) -> tuple[str, int]:
+        return name, make_editor(name, skeleton, **settings).memory_share()
+
+    return share
+
+
 __all__ = [
     "GRACE",
     "MALMEN",
@@ -155,6 +165,7 @@ __all__ = [
     "UltraEditConfig",
     "UnknownMethodError",
     "config_fields",
+    "editor_share",
     "make_editor",
     "method_class",
     "parse_settings",

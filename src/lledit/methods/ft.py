@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lledit import checks
 from lledit.data.request import EditRequest
 from lledit.edit import WeightDelta, added_deltas, apply_weight_deltas, trainable_deltas
+from lledit.footprint import trained_share, undo_share
 from lledit.model import ModelHandle, edit_batch
 
 
@@ -60,6 +61,10 @@ class FineTune:
 
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "modules": self.modules}
+
+    def memory_share(self) -> int:
+        """The trained deltas with Adam's state, and the batch's undo record."""
+        return trained_share(self.handle, self.modules) + undo_share(self.handle, self.modules)
 
     def apply(self, batch: Sequence[EditRequest]) -> WeightDelta:
         if not batch:

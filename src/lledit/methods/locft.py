@@ -35,6 +35,7 @@ from lledit.edit import (
     replayable_generator,
     trainable_deltas,
 )
+from lledit.footprint import trained_share, undo_share
 from lledit.model import ModelHandle, edit_batch
 from lledit.tokens import with_eos
 
@@ -98,6 +99,10 @@ class LocFT:
 
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "modules": self.modules}
+
+    def memory_share(self) -> int:
+        """The trained deltas with Adam's state, and the batch's undo record."""
+        return trained_share(self.handle, self.modules) + undo_share(self.handle, self.modules)
 
     def _trained(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """The edits as trained: with EOS after each target (`append_eos`)."""

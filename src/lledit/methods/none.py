@@ -33,5 +33,8 @@ class NoEdit:
             raise ValueError("an edit batch must hold at least one request")
         return NoChange()
 
+    def memory_share(self) -> int:
+        return 0
+
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "modules": []}

@@ -31,6 +31,7 @@ import torch
 from lledit import checks
 from lledit.data.request import EditRequest
 from lledit.edit import HeldBatches, WeightDelta, apply_weight_deltas
+from lledit.footprint import undo_share
 from lledit.hypernet.capture import capture_gradients
 from lledit.model import ModelHandle, edit_batch
 from lledit.moments import Moments, feature_moments, merged_moments
@@ -92,6 +93,11 @@ class UltraEdit:
 
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "modules": self.modules}
+
+    def memory_share(self) -> int:
+        """The batch's undo record: the statistics are per feature and the
+        solve is tokens by tokens, small beside it."""
+        return undo_share(self.handle, self.modules)
 
     @torch.no_grad()
     def _shift(self, keys: torch.Tensor, value_grads: torch.Tensor, stats: Moments):
