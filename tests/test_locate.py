@@ -1,5 +1,6 @@
 """Locate-then-edit: subject tokens, closed forms, MEMIT and AlphaEdit."""
 
+import contextlib
 import importlib.metadata
 import json
 
@@ -13,11 +14,12 @@ from lledit import EditRequest, evaluate, load_dataset, make_editor
 from lledit.cli import app
 from lledit.edit import NonFiniteUpdateError
 from lledit.eval.scoring import score_pairs
-from lledit.locate import SubjectNotFoundError, subject_span, token_positions
+from lledit.locate import LocateConfig, SubjectNotFoundError, subject_span, token_positions
+from lledit.locate.values import target_values
 from lledit.methods import parse_settings
 from lledit.methods.alphaedit import alphaedit_delta
 from lledit.methods.memit import memit_delta
-from lledit.model import default_model_cache
+from lledit.model import ModelHandle, default_model_cache
 from lledit.stats import null_space_projection
 
 FAST = {"layers": "1,2", "stats_samples": 2000, "prefix_count": 2, "prefix_length": 3}
@@ -175,6 +177,25 @@ def test_edit_raises_target_probability_and_undo_restores_bit_for_bit(tiny, requ
     assert _mean_logprob(tiny, requests_small) > logprob_before + 0.05
     applied.undo()
     assert_weights_equal(tiny, before)
+
+
+def test_target_values_replay_the_layers_below_the_change_with_the_same_result(
+    tiny, requests_small, monkeypatch
+):
+    config = LocateConfig(value_steps=4, early_stop=1.0)
+    lower_calls = []  # passes that really compute layer 0
+    counter = tiny.module(f"{tiny.arch.layers}.0.mlp").register_forward_pre_hook(
+        lambda module, args: lower_calls.append(1)
+    )
+    try:
+        replayed = target_values(tiny, requests_small, 2, ["One day", "It was"], config)
+        assert len(lower_calls) == 1
+        monkeypatch.setattr(ModelHandle, "frozen_below", lambda *args: contextlib.nullcontext())
+        recomputed = target_values(tiny, requests_small, 2, ["One day", "It was"], config)
+        assert len(lower_calls) == 1 + config.value_steps + 1
+    finally:
+        counter.remove()
+    assert torch.equal(replayed, recomputed)
 
 
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])

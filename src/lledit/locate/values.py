@@ -81,31 +81,36 @@ def target_values(
 
     hook = handle.module(handle.decoder_layer(layer)).register_forward_hook(add_delta)
     try:
-        for step in range(config.value_steps + 1):
-            hidden = final_hidden(handle, tokens)
-            logits = handle.logits_at(hidden, tokens.target_rows, tokens.target_positions - 1)
-            token_nll = F.cross_entropy(logits, tokens.target_ids, reduction="none")
-            row_nll = torch.zeros(rewrites, device=device).index_add(
-                0, tokens.target_rows, token_nll
-            )
-            row_nll = row_nll / target_lengths
-            loss = row_nll.mean()
-            if essence:
-                kl_logprobs = handle.logits_at(hidden, kl_rows, kl_last).log_softmax(-1)
-                if "kl" not in original:
-                    original["kl"] = kl_logprobs.detach()
-                kl = F.kl_div(kl_logprobs, original["kl"], log_target=True, reduction="batchmean")
-                loss = loss + config.kl_weight * kl
-            probability = row_nll.detach().neg().exp().mean().item()
-            if probability >= config.early_stop or step == config.value_steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                limit = config.clamp * original["hidden"].norm(dim=1, keepdim=True)
-                norm = delta.norm(dim=1, keepdim=True)
-                delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
+        # Layers 0 to `layer` see the same tokens at every step: they run once and are
+        # replayed, and the hook adds the change to `layer`'s replayed output.
+        with handle.frozen_below(layer + 1, tokens):
+            for step in range(config.value_steps + 1):
+                hidden = final_hidden(handle, tokens)
+                logits = handle.logits_at(hidden, tokens.target_rows, tokens.target_positions - 1)
+                token_nll = F.cross_entropy(logits, tokens.target_ids, reduction="none")
+                row_nll = torch.zeros(rewrites, device=device).index_add(
+                    0, tokens.target_rows, token_nll
+                )
+                row_nll = row_nll / target_lengths
+                loss = row_nll.mean()
+                if essence:
+                    kl_logprobs = handle.logits_at(hidden, kl_rows, kl_last).log_softmax(-1)
+                    if "kl" not in original:
+                        original["kl"] = kl_logprobs.detach()
+                    kl = F.kl_div(
+                        kl_logprobs, original["kl"], log_target=True, reduction="batchmean"
+                    )
+                    loss = loss + config.kl_weight * kl
+                probability = row_nll.detach().neg().exp().mean().item()
+                if probability >= config.early_stop or step == config.value_steps:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    limit = config.clamp * original["hidden"].norm(dim=1, keepdim=True)
+                    norm = delta.norm(dim=1, keepdim=True)
+                    delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
     finally:
         hook.remove()
     logger.debug("target values: %d steps, mean p(target) %.3f", step, probability)
