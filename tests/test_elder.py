@@ -240,6 +240,20 @@ def test_elder_subject_gate_defers_prompts_that_do_not_name_an_edited_subject(ti
     )
 
 
+def test_elder_subject_window_defers_prompts_that_name_the_subject_far_from_their_end(
+    tiny, requests_small
+):
+    near = ["Where is the Eiffel Tower?", "The Eiffel Tower stands in the city of"]
+    far = ["The Eiffel Tower is tall, and my cousin who lives in Berlin likes to say that it is"]
+    base = per_prompt(tiny, near + far)
+    editor = make_editor("elder", tiny, layers="1-3", subject_window=5, **ALWAYS)
+    editor.apply(requests_small[:2])
+    for prompt, before in zip(near + far, base, strict=True):
+        assert torch.equal(logits(tiny, [prompt]), before) == (prompt in far), prompt
+    with pytest.raises(ValueError, match="subject_window"):
+        make_editor("elder", same_model(tiny), subject_window=-1)
+
+
 def test_elder_scores_the_same_with_left_and_right_padding(tiny, requests_small):
     make_editor("elder", tiny).apply(requests_small)
     prompts = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]

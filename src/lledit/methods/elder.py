@@ -91,6 +91,10 @@ class ElderConfig:
     subject, the same relation) route like the edit; they rarely name its
     subject: CounterFact locality went from 0.06 to 0.98 over 1000 edits, with
     zsRE unchanged (docs/methods/elder.md)."""
+    subject_window: int | None = None
+    """With the subject gate, at most this many words may follow the subject's
+    last mention in the prompt: the prompt asks about the subject rather than
+    naming it in passing. None: anywhere (docs/methods/elder.md)."""
     steps: int = 50
     """Most Adam iterations per edit batch."""
     early_stop: float = 0.95
@@ -120,6 +124,7 @@ class ElderConfig:
 
     def __post_init__(self) -> None:
         checks.at_least(self, 1, "n_loras", "rank", "top_k", "steps", "deferral_radius")
+        checks.at_least(self, 0, "subject_window")
         checks.non_negative(self, "anchor_weight", "guide_weight", "replay", "router_steps")
         checks.positive(self, "lr")
         checks.fraction(self, "early_stop")
@@ -388,8 +393,15 @@ class ElderEditor(MemoryEditor):
         for row, prompt in zip(near, prompts, strict=True):
             text = prompt.casefold()
             edits = row.nonzero()[:, 0].tolist()
-            passes.append(any(subjects[e] is None or subjects[e].search(text) for e in edits))
+            passes.append(any(subjects[e] is None or self._asks(subjects[e], text) for e in edits))
         return torch.tensor(passes, device=codes.device)
+
+    def _asks(self, subject: re.Pattern[str], text: str) -> bool:
+        """Whether `text` names `subject`, within `subject_window` words of its end."""
+        if self.config.subject_window is None:
+            return subject.search(text) is not None
+        ends = [match.end() for match in subject.finditer(text)]
+        return bool(ends) and len(text[ends[-1] :].split()) <= self.config.subject_window
 
     @property
     def current_routing(self) -> Routing | None:
