@@ -88,8 +88,10 @@ def build(shapes: dict, layers: int, device: str, dtype: str):
 def print_counted(methods: list[str], dtype: str) -> None:
     """Each method's counted share on a 32-layer skeleton (meta device) of the
     chosen shapes, beside the weights: the figures `load_model` checks."""
+    from lledit.model import bytes_of
+
     handle = build(LLAMA3_8B, FULL_LAYERS, "meta", dtype)
-    weights = sum(p.numel() * p.element_size() for p in handle.model.parameters())
+    weights = bytes_of(handle.model.parameters())
     print(f"weights in {dtype}: {weights / 2**30:.1f} GiB")
     print("| method | edited modules | counted share GiB |\n|---|---|---|")
     for method in methods:
@@ -132,6 +134,7 @@ def run_one(method: str, arguments) -> dict:
     from lledit import load_dataset
     from lledit.eval.lifelong import peak_memory_mb
     from lledit.layers import default_layers
+    from lledit.model import bytes_of
 
     shapes = TINY if arguments.tiny else LLAMA3_8B
     handle = build(shapes, arguments.layers, arguments.device, arguments.dtype)
@@ -153,9 +156,7 @@ def run_one(method: str, arguments) -> dict:
     forward_backward_s = forward_backward_seconds(handle, requests[:BATCH])
     modules = editor.config_dict().get("modules", [])
     edited = len({handle.layer_of(name) for name in modules})
-    layer_bytes = sum(
-        p.numel() * p.element_size() for p in handle.module(handle.decoder_layer(0)).parameters()
-    )
+    layer_bytes = bytes_of(handle.module(handle.decoder_layer(0)).parameters())
     band_at_full = edited
     if edited > 1:  # a band of layers, as wide at 32 layers as its default there
         lowest = min(handle.layer_of(name) for name in modules)

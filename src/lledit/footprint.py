@@ -46,3 +46,12 @@ def statistics_share(handle: ModelHandle, modules: Sequence[str]) -> int:
 def squares(handle: ModelHandle, modules: Sequence[str]) -> list[int]:
     """d_in² of each module: the size of its key statistics."""
     return [d_in * d_in for _, d_in in module_shapes(handle, modules)]
+
+
+def closed_form_share(handle: ModelHandle, modules: Sequence[str], held: int) -> int:
+    """MEMIT's and AlphaEdit's: the statistics while gathered; then `held` float32
+    d_in x d_in matrices per module and one module's float64 solve (copies of
+    them, the system and the solver's copy of it); and the batch's undo record."""
+    sizes = squares(handle, modules)
+    editing = held * FLOAT32 * sum(sizes) + 4 * FLOAT64 * max(sizes)
+    return max(statistics_share(handle, modules), editing) + undo_share(handle, modules)

@@ -7,7 +7,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,11 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+def bytes_of(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes `tensors` take (on the meta device: would take)."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
 EditorShare = Callable[["ModelHandle"], tuple[str, int]]
 """An editor's name and the bytes it will hold beyond the weights (its
 `memory_share`), from a handle on the model's meta-device skeleton."""
@@ -85,7 +90,7 @@ def check_fits(
         return
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    weights = bytes_of(skeleton.parameters())
     method, share = (
         (None, 0) if editor_share is None else editor_share(ModelHandle(skeleton, tokenizer, name))
     )
@@ -204,18 +209,21 @@ class ModelHandle:
         names = [
             self.layer_module(layer, path) for layer in chosen for path in self.part_modules(part)
         ]
+        on_meta = []
         for name in names:
             try:
                 weight = self.weight_of(name)
             except (KeyError, TypeError) as error:
                 raise ValueError(f"part {part!r}: {error.args[0]}") from None
-            if weight.is_meta and not all(p.is_meta for p in self.model.parameters()):
-                # A skeleton wholly on the meta device is counted, not edited (`check_fits`).
-                raise ValueError(
-                    f"module '{name}' is offloaded by the device map (its weight is on the meta "
-                    "device); edited modules must sit on a GPU or the CPU: give the map more "
-                    "memory (max_memory) or fewer layers per device"
-                )
+            if weight.is_meta:
+                on_meta.append(name)
+        # A skeleton wholly on the meta device is counted, not edited (`check_fits`).
+        if on_meta and not all(p.is_meta for p in self.model.parameters()):
+            raise ValueError(
+                f"module '{on_meta[0]}' is offloaded by the device map (its weight is on the "
+                "meta device); edited modules must sit on a GPU or the CPU: give the map more "
+                "memory (max_memory) or fewer layers per device"
+            )
         return names
 
     def decoder_layer(self, layer: int) -> str:

@@ -17,7 +17,7 @@ from lledit.hypernet.capture import capture_gradients, keys_of
 from lledit.hypernet.checkpoint import NETWORK_FILE, check_fits, load_network, read_meta
 from lledit.hypernet.held_keys import HeldKeys
 from lledit.hypernet.network import Hypernetwork, check_null_space_threshold
-from lledit.model import ModelHandle, edit_batch
+from lledit.model import ModelHandle, bytes_of, edit_batch
 
 
 @dataclass
@@ -115,8 +115,7 @@ class HypernetEditor:
         if self.network is None:
             share = (Path(self.config.checkpoint) / NETWORK_FILE).stat().st_size
         else:
-            tensors = [*self.network.parameters(), *self.network.buffers()]
-            share = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+            share = bytes_of([*self.network.parameters(), *self.network.buffers()])
         if self.config.earlier_keys_weight:
             share += FLOAT64 * sum(sizes)
         if self.config.null_space_threshold is not None:

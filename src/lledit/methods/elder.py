@@ -400,10 +400,9 @@ class ElderEditor(MemoryEditor):
 
     def _asks(self, subject: re.Pattern[str], text: str) -> bool:
         """Whether `text` names `subject`, within `subject_window` words of its end."""
-        if self.config.subject_window is None:
-            return subject.search(text) is not None
         ends = [match.end() for match in subject.finditer(text)]
-        return bool(ends) and len(text[ends[-1] :].split()) <= self.config.subject_window
+        window = self.config.subject_window
+        return bool(ends) and (window is None or len(text[ends[-1] :].split()) <= window)
 
     @property
     def current_routing(self) -> Routing | None:

@@ -17,7 +17,7 @@ import torch
 from lledit import checks
 from lledit.data.request import EditRequest
 from lledit.edit import WeightDelta, apply_weight_deltas
-from lledit.footprint import FLOAT32, FLOAT64, squares, statistics_share, undo_share
+from lledit.footprint import closed_form_share
 from lledit.locate import LocateConfig, Locator
 from lledit.model import ModelHandle
 
@@ -70,13 +70,8 @@ class MEMIT:
         return {**asdict(self.config), **self.locator.describe()}
 
     def memory_share(self) -> int:
-        """The statistics while gathered; then C of every module (float32) and one
-        module's float64 solve (C, K Kᵀ, the system and the solver's copy of it)."""
-        modules = self.locator.modules
-        sizes = squares(self.handle, modules)
-        editing = FLOAT32 * sum(sizes) + 4 * FLOAT64 * max(sizes)
-        gathering = statistics_share(self.handle, modules)
-        return max(gathering, editing) + undo_share(self.handle, modules)
+        """C of every module held while editing (see `closed_form_share`)."""
+        return closed_form_share(self.handle, self.locator.modules, held=1)
 
     def _solve(self, module: str, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         assert self._covariances is not None
