@@ -4,13 +4,14 @@ without EOS appended to the targets.
 
 Each run (default model, 1000 edits in batches of 10) is written to
 `RUNS/<dataset>/<method>[+eos]/results.json` and skipped when that file
-exists, so the table can be built over several sittings (a method that
+exists or `docs/results.json` holds it already (drop its record there to run
+it again), so the table can be built over several sittings (a method that
 appends EOS itself, as LocFT-BF does, is run as it is and, for the
 comparison, without it: `<method>-eos`). Methods that need a trained
 network take it from `--checkpoint METHOD=DIR`, or for one dataset only
 from `--checkpoint DATASET/METHOD=DIR` (which wins), and are left out
 without one. Then `docs/results.md` and `docs/results.json` are rebuilt from
-every finished run.
+every finished run and the records already there.
 
 Run: `python benchmarks/results_table.py [--runs runs/results] [--datasets zsre]
 [--methods ft,grace] [--checkpoint rledit=runs/ckpt/rledit]
@@ -31,7 +32,14 @@ from lledit import METHODS, load_dataset, load_model, make_editor, progress, run
 from lledit.cli import ProgressBars
 from lledit.eval.general import load_general, score_general
 from lledit.eval.lifelong import LifelongResult
-from lledit.eval.report import general_table, plot_comparison, plot_retention_by_age, run_label
+from lledit.eval.report import (
+    AGE_METRICS,
+    by_age,
+    general_table,
+    plot_comparison,
+    plot_retention_by_age,
+    run_label,
+)
 from lledit.hypernet.checkpoint import CheckpointError, read_meta
 
 DATASETS = ("zsre", "counterfact")
@@ -64,6 +72,7 @@ def run_missing(
     left_out = {run for run, checkpoint in network.items() if checkpoint is None}
     for dataset_name, method in sorted(left_out):
         logging.warning("%s on %s: no --checkpoint given, left out", method, dataset_name)
+    on_record = {(run_label(_from_record(r)), r["dataset"]) for r in _records(runs)}
     planned = [
         (dataset_name, method, suffix)
         for dataset_name in datasets
@@ -71,6 +80,7 @@ def run_missing(
         if (dataset_name, method) not in left_out
         for suffix in _variants(method)
         if not (runs / dataset_name / (method + suffix) / "results.json").exists()
+        and (method + suffix, f"{dataset_name}/eval") not in on_record
     ]
     planned.sort(key=lambda run: bool(run[2]))  # stable: rows first, then variants
     loaded = {name: load_dataset(name, "eval", limit=EDITS) for name, _, _ in planned}
@@ -147,27 +157,78 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def write_docs(runs: Path) -> None:
-    """docs/results.md and docs/results.json from every finished run under `runs`."""
-    paths = sorted(runs.glob("*/*/results.json"))
-    results = [LifelongResult.load(path) for path in paths]
-    variant_of = {
-        id(result): path.parent.name.removeprefix(result.method)
-        for result, path in zip(results, paths, strict=True)
+def _record(result: LifelongResult) -> dict:
+    """A run as one docs/results.json record: everything the page is drawn from, so
+    that it can be rebuilt without the run's directory (per-edit scores are kept as
+    their means by tenth of edit age, the retention plot's points)."""
+    record = {
+        "method": result.method,
+        "dataset": result.dataset.get("name"),
+        "dataset_style": result.dataset.get("style"),
+        "n_edits": result.n_edits,
+        "batch_size": result.batch_size,
+        "protocol": result.protocol,
+        "method_config": result.method_config,
+        "metrics": result.metrics,
+        "timing": result.timing,
+        "general": result.general,
+        "retention_by_age": {
+            name: by_age(result, name)
+            for name in AGE_METRICS
+            if any(name in row for row in result.per_edit)
+        },
     }
-    records = [
-        {
-            "method": result.method,
-            "dataset": result.dataset.get("name"),
-            "n_edits": result.n_edits,
-            "batch_size": result.batch_size,
-            "protocol": result.protocol,
-            "metrics": result.metrics,
-            "timing": result.timing,
-            "general": result.general,
-        }
-        for result in results
-    ]
+    checkpoint = result.method_config.get("checkpoint")
+    if checkpoint:
+        try:
+            record["network_trained_on"] = read_meta(ROOT / checkpoint)["data"]["name"]
+        except (CheckpointError, KeyError):  # the network is not on this machine
+            record["network_trained_on"] = "unknown"
+    return record
+
+
+def _from_record(record: dict) -> LifelongResult:
+    """A docs/results.json record as a run; one per-edit row per tenth of age, which
+    `by_age` reads back as the recorded means. Records written before the method's
+    settings and by-age means were kept have neither."""
+    by_tenth = record.get("retention_by_age", {})
+    per_edit = [{name: means[i] for name, means in by_tenth.items()} for i in range(10)]
+    return LifelongResult(
+        method=record["method"],
+        method_config=record.get("method_config", {}),
+        model="",
+        dataset={"name": record["dataset"], "style": record["dataset_style"]},
+        n_edits=record["n_edits"],
+        batch_size=record["batch_size"],
+        seed=0,
+        metrics=record["metrics"],
+        timing=record["timing"],
+        peak_memory_mb=0.0,
+        per_edit=per_edit if by_tenth else [],
+        protocol=record["protocol"],
+        general=record["general"],
+    )
+
+
+def _records(runs: Path) -> list[dict]:
+    """The record of every finished run under `runs`, and every record of
+    docs/results.json whose run is not among them (run in an earlier sitting whose
+    directory is not here)."""
+    records = [_record(LifelongResult.load(path)) for path in runs.glob("*/*/results.json")]
+    here = {(run_label(_from_record(r)), r["dataset"]) for r in records}
+    on_record = ROOT / "docs" / "results.json"
+    if on_record.exists():
+        earlier = json.loads(on_record.read_text())
+        records += [r for r in earlier if (run_label(_from_record(r)), r["dataset"]) not in here]
+    return sorted(records, key=lambda r: (r["dataset"], run_label(_from_record(r))))
+
+
+def write_docs(runs: Path) -> None:
+    """docs/results.md and docs/results.json from every finished run under `runs` and
+    the runs already on record in docs/results.json (a run here replaces its record)."""
+    records = _records(runs)
+    results = [_from_record(record) for record in records]
+    variant_of = {id(result): run_label(result).removeprefix(result.method) for result in results}
     (ROOT / "docs" / "results.json").write_text(json.dumps(records, indent=2) + "\n")
 
     lines = [
@@ -176,10 +237,11 @@ def write_docs(runs: Path) -> None:
         f"Every registered method on the default model (SmolLM2-135M-Instruct, float32, CPU), "
         f"{EDITS} edits in batches of {BATCH}, scored on the final model. Regenerate with "
         "`python benchmarks/results_table.py` (runs are resumable; `--only-docs` rebuilds this "
-        "page from the runs). The same numbers are in `docs/results.json`. MEND, MALMEN and "
+        "page from the runs at hand and the records of `docs/results.json`, which hold the "
+        "same numbers). MEND, MALMEN and "
         "RLEdit edit with a network trained beforehand with the default settings (`lledit "
         "train -m METHOD --data DATASET --out DIR`, then `--checkpoint [DATASET/]METHOD=DIR`)"
-        f"{_networks(results)}.",
+        f"{_networks(records)}.",
         "",
         "Teacher-forced metrics feed the target to the model; answer metrics score its own "
         "greedy answer, cut at EOS, a newline or the end of the first clause (`_em`: the answer "
@@ -247,22 +309,19 @@ def write_docs(runs: Path) -> None:
     (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def _networks(results: list[LifelongResult]) -> str:
+def _networks(records: list[dict]) -> str:
     """Which trained network each dataset's rows edited with, and what it was trained on."""
     used = sorted(
         {
-            (r.method, str(r.dataset.get("name")), str(r.method_config["checkpoint"]))
-            for r in results
-            if r.method_config.get("checkpoint")
+            (r["method"], r["dataset"], r["method_config"]["checkpoint"], r["network_trained_on"])
+            for r in records
+            if r.get("method_config", {}).get("checkpoint")
         }
     )
-    parts = []
-    for method, dataset, checkpoint in used:
-        try:
-            trained = read_meta(ROOT / checkpoint).get("data", {}).get("name", "unknown")
-        except CheckpointError:  # the network is not on this machine
-            trained = "unknown"
-        parts.append(f"{method} on {dataset}: `{checkpoint}`, trained on {trained}")
+    parts = [
+        f"{method} on {dataset}: `{checkpoint}`, trained on {trained}"
+        for method, dataset, checkpoint, trained in used
+    ]
     return ": " + "; ".join(parts) if parts else ""
 
 
@@ -279,6 +338,12 @@ def _plots(results: list[LifelongResult], name: str) -> list[str]:
     retention = plot_retention_by_age(results, images / f"results-{name}-retention-by-age.png")
     if retention is not None:
         lines += ["", f"![{name}: efficacy and generalization by edit age](img/{retention.name})"]
+    undrawn = [run_label(r) for r in results if not r.per_edit]
+    if retention is not None and undrawn:
+        lines += [
+            "",
+            f"Not in the by-age plot, their per-edit scores not on record: {', '.join(undrawn)}.",
+        ]
     return lines
 
 
