@@ -72,7 +72,7 @@ def run_missing(
     left_out = {run for run, checkpoint in network.items() if checkpoint is None}
     for dataset_name, method in sorted(left_out):
         logging.warning("%s on %s: no --checkpoint given, left out", method, dataset_name)
-    on_record = {(run_label(_from_record(r)), r["dataset"]) for r in _records(runs)}
+    on_record = {_key(record) for record in _records(runs)}
     planned = [
         (dataset_name, method, suffix)
         for dataset_name in datasets
@@ -210,17 +210,22 @@ def _from_record(record: dict) -> LifelongResult:
     )
 
 
+def _key(record: dict) -> tuple[str, str]:
+    """Which run a record is: the method with its variant, and the dataset."""
+    return run_label(_from_record(record)), record["dataset"]
+
+
 def _records(runs: Path) -> list[dict]:
     """The record of every finished run under `runs`, and every record of
     docs/results.json whose run is not among them (run in an earlier sitting whose
     directory is not here)."""
     records = [_record(LifelongResult.load(path)) for path in runs.glob("*/*/results.json")]
-    here = {(run_label(_from_record(r)), r["dataset"]) for r in records}
+    here = {_key(record) for record in records}
     on_record = ROOT / "docs" / "results.json"
     if on_record.exists():
         earlier = json.loads(on_record.read_text())
-        records += [r for r in earlier if (run_label(_from_record(r)), r["dataset"]) not in here]
-    return sorted(records, key=lambda r: (r["dataset"], run_label(_from_record(r))))
+        records += [record for record in earlier if _key(record) not in here]
+    return sorted(records, key=lambda record: _key(record)[::-1])
 
 
 def write_docs(runs: Path) -> None:
