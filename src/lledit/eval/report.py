@@ -104,7 +104,7 @@ def general_table(results: Sequence[LifelongResult]) -> str:
         ]
         cells.append(f"{sum(changes) / len(changes):+.3f}")
         if "perplexity" in before:
-            cells.append(f"{before['perplexity']:.2f} → {after['perplexity']:.2f}")
+            cells.append(f"{before['perplexity']:.4g} → {after['perplexity']:.4g}")
         else:
             cells.append("-")
         rows.append(cells)
