@@ -45,6 +45,7 @@ from lledit.hypernet.checkpoint import CheckpointError, read_meta
 DATASETS = ("zsre", "counterfact")
 EDITS, BATCH = 1000, 10
 ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "docs" / "results.json"
 TEACHER = ("efficacy", "generalization", "specificity", "locality", "portability")
 STRICT = ("efficacy_exact", "generalization_exact")
 TIMING = ("per_edit_s", "setup_s")
@@ -72,7 +73,7 @@ def run_missing(
     left_out = {run for run, checkpoint in network.items() if checkpoint is None}
     for dataset_name, method in sorted(left_out):
         logging.warning("%s on %s: no --checkpoint given, left out", method, dataset_name)
-    on_record = {_key(record) for record in _records(runs)}
+    on_record = {_key(record) for record in _records_on_file()}
     planned = [
         (dataset_name, method, suffix)
         for dataset_name in datasets
@@ -192,7 +193,8 @@ def _from_record(record: dict) -> LifelongResult:
     `by_age` reads back as the recorded means. Records written before the method's
     settings and by-age means were kept have neither."""
     by_tenth = record.get("retention_by_age", {})
-    per_edit = [{name: means[i] for name, means in by_tenth.items()} for i in range(10)]
+    tenths = range(10 if by_tenth else 0)
+    per_edit = [{name: means[i] for name, means in by_tenth.items()} for i in tenths]
     return LifelongResult(
         method=record["method"],
         method_config=record.get("method_config", {}),
@@ -204,7 +206,7 @@ def _from_record(record: dict) -> LifelongResult:
         metrics=record["metrics"],
         timing=record["timing"],
         peak_memory_mb=0.0,
-        per_edit=per_edit if by_tenth else [],
+        per_edit=per_edit,
         protocol=record["protocol"],
         general=record["general"],
     )
@@ -215,16 +217,18 @@ def _key(record: dict) -> tuple[str, str]:
     return run_label(_from_record(record)), record["dataset"]
 
 
+def _records_on_file() -> list[dict]:
+    """The records docs/results.json holds now."""
+    return json.loads(RECORDS.read_text()) if RECORDS.exists() else []
+
+
 def _records(runs: Path) -> list[dict]:
     """The record of every finished run under `runs`, and every record of
     docs/results.json whose run is not among them (run in an earlier sitting whose
     directory is not here)."""
     records = [_record(LifelongResult.load(path)) for path in runs.glob("*/*/results.json")]
     here = {_key(record) for record in records}
-    on_record = ROOT / "docs" / "results.json"
-    if on_record.exists():
-        earlier = json.loads(on_record.read_text())
-        records += [record for record in earlier if _key(record) not in here]
+    records += [record for record in _records_on_file() if _key(record) not in here]
     return sorted(records, key=lambda record: _key(record)[::-1])
 
 
@@ -234,7 +238,7 @@ def write_docs(runs: Path) -> None:
     records = _records(runs)
     results = [_from_record(record) for record in records]
     variant_of = {id(result): run_label(result).removeprefix(result.method) for result in results}
-    (ROOT / "docs" / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    RECORDS.write_text(json.dumps(records, indent=2) + "\n")
 
     lines = [
         "# Results",
