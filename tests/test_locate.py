@@ -183,16 +183,17 @@ def test_target_values_replay_the_layers_below_the_change_with_the_same_result(
     tiny, requests_small, monkeypatch
 ):
     config = LocateConfig(value_steps=4, early_stop=1.0)
-    lower_calls = []  # passes that really compute layer 0
+    lower_calls = []  # passes that really compute layer 0: the cache of the
+    # columns before the subject, then the rest once, replayed at every later step
     counter = tiny.module(f"{tiny.arch.layers}.0.mlp").register_forward_pre_hook(
         lambda module, args: lower_calls.append(1)
     )
     try:
         replayed = target_values(tiny, requests_small, 2, ["One day", "It was"], config)
-        assert len(lower_calls) == 1
+        assert len(lower_calls) == 2
         monkeypatch.setattr(ModelHandle, "frozen_below", lambda *args: contextlib.nullcontext())
         recomputed = target_values(tiny, requests_small, 2, ["One day", "It was"], config)
-        assert len(lower_calls) == 1 + config.value_steps + 1
+        assert len(lower_calls) == 2 + 1 + config.value_steps + 1
     finally:
         counter.remove()
     assert torch.equal(replayed, recomputed)

@@ -12,9 +12,11 @@ from lledit.model import (
     ModelHandle,
     ModelLoadError,
     edit_batch,
+    final_hidden,
     load_model,
     resolve_dtype,
 )
+from lledit.tokens import collate, encode_pairs, suffix_of
 
 
 def test_weight_of_is_out_by_in_view_sharing_storage(tiny):
@@ -169,3 +171,18 @@ def test_frozen_below_refuses_a_lower_layer_that_trains(tiny):
             tiny.target_logits(tokens)
     finally:
         hook.remove()
+
+
+def test_a_pass_over_a_prefix_cache_gives_the_whole_pass_hidden_states(tiny):
+    """The subject-aligned batch of a locate-then-edit step: rows' prefixes of
+    different lengths, one of them all padding."""
+    prompts = ["The capital of France is", "Apple was founded by", "a"]
+    pairs = encode_pairs(tiny.tokenizer, prompts, ["Paris", "Steve Jobs", "b"])
+    aligned = collate(pairs, tiny.tokenizer.pad_token_id, align=[3, 1, 0])
+    whole = final_hidden(tiny, aligned)
+    prefix = tiny.prefix_cache(aligned, 3)
+    suffix = suffix_of(aligned, 3)
+    cached = final_hidden(tiny, suffix, prefix)
+    real = suffix.attention_mask[:, 3:].bool()
+    torch.testing.assert_close(cached[real], whole[:, 3:][real], rtol=1e-4, atol=1e-5)
+    assert torch.equal(final_hidden(tiny, suffix, prefix), cached)

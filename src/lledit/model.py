@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import inspect
 import logging
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 import torch
@@ -348,6 +349,19 @@ class ModelHandle:
             ).last_hidden_state
         return self.logits_at(hidden, batch.target_rows, batch.target_positions - 1)
 
+    @torch.no_grad()
+    def prefix_cache(self, batch: TokenBatch, column: int) -> Any:
+        """The KV cache of `batch`'s columns before `column`, for editors whose
+        change starts at `column`: the columns before it are the same at every
+        step, and `final_hidden` then runs only the rest (`tokens.suffix_of`)."""
+        output = self.model.base_model(
+            input_ids=batch.input_ids[:, :column],
+            attention_mask=batch.attention_mask[:, :column],
+            position_ids=batch.position_ids[:, :column],
+            use_cache=True,
+        )
+        return output[_cache_argument(self.model)]
+
     def logits_at(
         self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
@@ -361,6 +375,13 @@ def at_positions(values: torch.Tensor, rows: torch.Tensor, positions: torch.Tens
     """`values[rows, positions]`, the indices moved to `values`' device first: the
     layers of a model split by a device map sit on several devices."""
     return values[rows.to(values.device), positions.to(values.device)]
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    """The name of the base model's KV cache, as its forward takes it and its
+    output returns it (transformers 5.25 renamed `past_key_values` to `cache`)."""
+    parameters = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _cached_length(cache) -> int:
@@ -592,14 +613,21 @@ class StopForward(Exception):
     """Raised from a hook once everything needed is captured, to skip the rest of a forward."""
 
 
-def final_hidden(handle: ModelHandle, batch: TokenBatch) -> torch.Tensor | None:
-    """The base model's final hidden states; None if a hook raised `StopForward`."""
+def final_hidden(handle: ModelHandle, batch: TokenBatch, prefix: Any = None) -> torch.Tensor | None:
+    """The base model's final hidden states; None if a hook raised `StopForward`.
+
+    With `prefix` (a KV cache from `ModelHandle.prefix_cache`), `batch` holds
+    only the columns after it (`tokens.suffix_of`); the cache is left as it
+    was, so that it serves every later pass too.
+    """
+    cache = {} if prefix is None else {_cache_argument(handle.model): copy.deepcopy(prefix)}
     try:
         return handle.model.base_model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            use_cache=False,
+            use_cache=prefix is not None,
+            **cache,
         ).last_hidden_state
     except StopForward:
         return None

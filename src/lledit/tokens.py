@@ -125,18 +125,37 @@ class TokenBatch:
         )
 
 
-def collate(pairs: Sequence[EncodedPair], pad_id: int, padding_side: str = "right") -> TokenBatch:
-    """Pad pairs to one length; position ids count real tokens only."""
+def collate(
+    pairs: Sequence[EncodedPair],
+    pad_id: int,
+    padding_side: str = "right",
+    align: Sequence[int] | None = None,
+) -> TokenBatch:
+    """Pad pairs to one length; position ids count real tokens only.
+
+    With `align`, pair i is padded on the left until its token `align[i]`
+    sits in the same column as every other pair's, and on the right after
+    that (`padding_side` is then not used): the columns before that one can
+    be run once into a KV cache (`ModelHandle.prefix_cache`).
+    """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     if not pairs:
         raise ValueError("cannot collate an empty list of pairs")
-    length = max(len(pair.ids) for pair in pairs)
+    if align is not None and len(align) != len(pairs):
+        raise ValueError(f"{len(align)} aligned positions for {len(pairs)} pairs")
+    longest = max(len(pair.ids) for pair in pairs)
+    if align is not None:
+        offsets = [max(align) - position for position in align]
+    elif padding_side == "left":
+        offsets = [longest - len(pair.ids) for pair in pairs]
+    else:
+        offsets = [0] * len(pairs)
+    length = max(offset + len(pair.ids) for offset, pair in zip(offsets, pairs, strict=True))
     input_ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(pairs), length), dtype=torch.long)
     rows, positions, target_ids = [], [], []
-    for row, pair in enumerate(pairs):
-        offset = length - len(pair.ids) if padding_side == "left" else 0
+    for row, (offset, pair) in enumerate(zip(offsets, pairs, strict=True)):
         input_ids[row, offset : offset + len(pair.ids)] = torch.tensor(pair.ids)
         attention_mask[row, offset : offset + len(pair.ids)] = 1
         start = offset + pair.target_start
@@ -152,4 +171,21 @@ def collate(pairs: Sequence[EncodedPair], pad_id: int, padding_side: str = "righ
         target_positions=torch.tensor(positions, dtype=torch.long),
         target_ids=torch.tensor(target_ids, dtype=torch.long),
         target_lengths=[len(pair.ids) - pair.target_start for pair in pairs],
+    )
+
+
+def suffix_of(batch: TokenBatch, column: int) -> TokenBatch:
+    """The batch from `column` on, to run after a KV cache of the columns
+    before it (`ModelHandle.prefix_cache`): the attention mask stays whole
+    (cache and new tokens), and target positions count from `column`."""
+    if len(batch.target_positions) and int(batch.target_positions.min()) <= column:
+        raise ValueError(f"a target token is predicted before column {column}")
+    return TokenBatch(
+        input_ids=batch.input_ids[:, column:],
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids[:, column:],
+        target_rows=batch.target_rows,
+        target_positions=batch.target_positions - column,
+        target_ids=batch.target_ids,
+        target_lengths=batch.target_lengths,
     )

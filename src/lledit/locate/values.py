@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from lledit.data.request import EditRequest
 from lledit.locate.config import LocateConfig
 from lledit.locate.keys import context_texts, token_positions
-from lledit.model import ModelHandle, at_positions, final_hidden, hidden_of
-from lledit.tokens import EncodedPair, collate, encode_pairs
+from lledit.model import ModelHandle, final_hidden, hidden_of
+from lledit.tokens import EncodedPair, collate, encode_pairs, suffix_of
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,10 @@ def target_values(
 
     One change per request is added to the layer's output at the subject's
     last token, in the prompt and in each prefixed copy of it, and optimised
-    on all requests together in one batched forward per step. The loss is the
-    cross-entropy of the targets plus a KL term that keeps the model's
+    on all requests together in one batched forward per step. The tokens
+    before the subject's are the same at every step: they run once into a KV
+    cache, and each step runs the subject token and what follows. The loss
+    is the cross-entropy of the targets plus a KL term that keeps the model's
     prediction after "{subject} is a" (requests without a subject have no KL
     term); the change is clamped to `config.clamp` times the hidden state's
     norm, and the optimisation stops early once the mean target probability
@@ -56,13 +58,19 @@ def target_values(
     positions += kl_positions
     owner += [i for i, _ in essence]
     device = handle.device
-    tokens = collate(pairs, tokenizer.pad_token_id).to(device)
-    rows = torch.arange(len(pairs), device=device)
-    positions_t = torch.tensor(positions, device=device)
+    # Every row's subject token in one column, the first of each step's pass.
+    aligned = collate(pairs, tokenizer.pad_token_id, align=positions).to(device)
+    column = max(positions)
+    prefix = handle.prefix_cache(aligned, column) if column else None
+    tokens = suffix_of(aligned, column)
     owner_t = torch.tensor(owner, device=device)
     plain = torch.arange(0, rewrites, 1 + len(prefixes), device=device)
     kl_rows = torch.arange(rewrites, len(pairs), device=device)
-    kl_last = torch.tensor([len(i) - 1 for i in ids], dtype=torch.long, device=device)
+    kl_last = torch.tensor(
+        [len(i) - 1 - p for i, p in zip(ids, kl_positions, strict=True)],
+        dtype=torch.long,
+        device=device,
+    )
     target_lengths = torch.tensor(tokens.target_lengths[:rewrites], device=device)
 
     width = handle.model.get_input_embeddings().weight.shape[1]
@@ -73,11 +81,11 @@ def target_values(
     def add_delta(module, inputs, output):
         hidden = hidden_of(output)
         if "hidden" not in original:
-            at = at_positions(hidden, plain, positions_t[plain])
+            at = hidden[plain.to(hidden.device), 0]  # the subject token: the suffix's first
             original["hidden"] = at.detach().float().to(device)
         change = delta[owner_t].to(hidden.device, hidden.dtype)
-        where = (rows.to(hidden.device), positions_t.to(hidden.device))
-        return _with_hidden(output, hidden.index_put(where, change, accumulate=True))
+        edited = torch.cat([hidden[:, :1] + change[:, None], hidden[:, 1:]], dim=1)
+        return _with_hidden(output, edited)
 
     hook = handle.module(handle.decoder_layer(layer)).register_forward_hook(add_delta)
     try:
@@ -85,7 +93,7 @@ def target_values(
         # replayed, and the hook adds the change to `layer`'s replayed output.
         with handle.frozen_below(layer + 1, tokens):
             for step in range(config.value_steps + 1):
-                hidden = final_hidden(handle, tokens)
+                hidden = final_hidden(handle, tokens, prefix)
                 logits = handle.logits_at(hidden, tokens.target_rows, tokens.target_positions - 1)
                 token_nll = F.cross_entropy(logits, tokens.target_ids, reduction="none")
                 row_nll = torch.zeros(rewrites, device=device).index_add(
