@@ -161,6 +161,10 @@ class ModelHandle:
         model.eval()
         model.requires_grad_(False)
         self._forward_context = threading.local()
+        # transformers 5.25 renamed the base models' `past_key_values` to `cache`.
+        forward = inspect.signature(model.base_model.forward).parameters
+        self.cache_argument = "cache" if "cache" in forward else "past_key_values"
+        """The name of the base model's KV cache, in its forward and in its output."""
 
     @property
     def device(self) -> torch.device:
@@ -360,7 +364,7 @@ class ModelHandle:
             position_ids=batch.position_ids[:, :column],
             use_cache=True,
         )
-        return output[_cache_argument(self.model)]
+        return output[self.cache_argument]
 
     def logits_at(
         self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
@@ -375,13 +379,6 @@ def at_positions(values: torch.Tensor, rows: torch.Tensor, positions: torch.Tens
     """`values[rows, positions]`, the indices moved to `values`' device first: the
     layers of a model split by a device map sit on several devices."""
     return values[rows.to(values.device), positions.to(values.device)]
-
-
-def _cache_argument(model: PreTrainedModel) -> str:
-    """The name of the base model's KV cache, as its forward takes it and its
-    output returns it (transformers 5.25 renamed `past_key_values` to `cache`)."""
-    parameters = inspect.signature(model.base_model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _cached_length(cache) -> int:
@@ -420,8 +417,7 @@ class SequenceWatch:
 
     def _observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         arguments = self._signature.bind_partial(*args, **kwargs).arguments
-        # transformers 5.25 renamed the base models' `past_key_values` to `cache`.
-        cache = arguments.get("cache", arguments.get("past_key_values"))
+        cache = arguments.get(self._handle.cache_argument)
         self._state.extends_cache = _cached_length(cache) > 0
         self._state.attention_mask = arguments.get("attention_mask")
         self._state.input_ids = arguments.get("input_ids")
@@ -620,7 +616,7 @@ def final_hidden(handle: ModelHandle, batch: TokenBatch, prefix: Any = None) -> 
     only the columns after it (`tokens.suffix_of`); the cache is left as it
     was, so that it serves every later pass too.
     """
-    cache = {} if prefix is None else {_cache_argument(handle.model): copy.deepcopy(prefix)}
+    cache = {} if prefix is None else {handle.cache_argument: copy.deepcopy(prefix)}
     try:
         return handle.model.base_model(
             input_ids=batch.input_ids,

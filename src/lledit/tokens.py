@@ -144,10 +144,10 @@ def collate(
         raise ValueError("cannot collate an empty list of pairs")
     if align is not None and len(align) != len(pairs):
         raise ValueError(f"{len(align)} aligned positions for {len(pairs)} pairs")
-    longest = max(len(pair.ids) for pair in pairs)
     if align is not None:
         offsets = [max(align) - position for position in align]
     elif padding_side == "left":
+        longest = max(len(pair.ids) for pair in pairs)
         offsets = [longest - len(pair.ids) for pair in pairs]
     else:
         offsets = [0] * len(pairs)
