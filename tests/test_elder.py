@@ -1,7 +1,6 @@
 """ELDER and GRACE on tiny random models: deferral, routing, training, undo, save/load."""
 
 import gc
-import inspect
 import json
 import math
 import weakref
@@ -313,9 +312,7 @@ def test_cached_pass_without_its_prompt_pass_is_an_error(tiny, requests_small):
     editor = make_editor("elder", tiny, **ALWAYS)
     editor.apply(requests_small)
     encoded = tiny.tokenizer(["The capital of France is"], return_tensors="pt")
-    # transformers 5.25 renamed `past_key_values` to `cache`.
-    parameters = inspect.signature(tiny.model.forward).parameters
-    name = "cache" if "cache" in parameters else "past_key_values"
+    name = tiny.cache_argument
     with torch.no_grad():
         cache = getattr(tiny.model(**encoded, use_cache=True), name)
         tiny.model(**tiny.tokenizer(["A", "B"], return_tensors="pt"), use_cache=False)
