@@ -90,6 +90,7 @@ def test_generation_is_the_greedy_continuation(tiny):
     [
         ("grace", {"radius": 1e-3}),
         ("elder", ELDER_ALWAYS),
+        ("elder", {**ELDER_ALWAYS, "batch_rank": 4}),
         ("memoir", {"threshold": 0.05}),
     ],
 )

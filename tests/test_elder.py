@@ -33,6 +33,9 @@ UNRELATED = [
 ]
 # Every sequence uses the adapters: the radius exceeds the largest code distance.
 ALWAYS = {"deferral_radius": 100}
+# Each batch opens its own LoRA (rank 4) instead of training the shared mixture.
+BATCH_LORAS = {"batch_rank": 4}
+BOTH_MODES = pytest.mark.parametrize("mode", [{}, BATCH_LORAS], ids=["mixture", "batch_loras"])
 
 
 def same_model(handle: ModelHandle, dtype: torch.dtype | None = None) -> ModelHandle:
@@ -253,8 +256,9 @@ def test_elder_subject_window_defers_prompts_that_name_the_subject_far_from_thei
         make_editor("elder", same_model(tiny), subject_window=-1)
 
 
-def test_elder_scores_the_same_with_left_and_right_padding(tiny, requests_small):
-    make_editor("elder", tiny).apply(requests_small)
+@BOTH_MODES
+def test_elder_scores_the_same_with_left_and_right_padding(tiny, requests_small, mode):
+    make_editor("elder", tiny, **mode).apply(requests_small)
     prompts = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
     targets = [r.target_new for r in requests_small] * 2
     right = score_pairs(tiny, prompts, targets, padding_side="right")
@@ -263,8 +267,9 @@ def test_elder_scores_the_same_with_left_and_right_padding(tiny, requests_small)
     torch.testing.assert_close(right.logprob, left.logprob, atol=1e-4, rtol=0)
 
 
-def test_generation_keeps_the_prompt_allocation_for_every_token(tiny, requests_small):
-    editor = make_editor("elder", tiny, **ALWAYS)
+@BOTH_MODES
+def test_generation_keeps_the_prompt_allocation_for_every_token(tiny, requests_small, mode):
+    editor = make_editor("elder", tiny, **ALWAYS, **mode)
     editor.apply(requests_small)
     prompts = ["The capital of France is", "Harry Potter was written by"]
     used = []
@@ -359,13 +364,14 @@ def test_guided_loss_routes_rephrases_to_the_edit_allocation(tiny):
     assert unguided_own - unguided_other < 0.2  # without the guided loss: chance
 
 
+@BOTH_MODES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_elder_undo_restores_outputs_bit_for_bit(tiny, requests_small, dtype):
+def test_elder_undo_restores_outputs_bit_for_bit(tiny, requests_small, dtype, mode):
     tiny.model.to(dtype)
     weights = snapshot(tiny)
     probe = [r.prompt for r in requests_small] + UNRELATED[:3]
     base = logits(tiny, probe)
-    editor = make_editor("elder", tiny, **ALWAYS)
+    editor = make_editor("elder", tiny, **ALWAYS, **mode)
     first = editor.apply(requests_small[:2])
     after_first = logits(tiny, probe)
     second = editor.apply(requests_small[2:])
@@ -379,8 +385,9 @@ def test_elder_undo_restores_outputs_bit_for_bit(tiny, requests_small, dtype):
         first.undo()
 
 
-def test_elder_undo_out_of_order_subtracts_the_batch(tiny, requests_small):
-    editor = make_editor("elder", tiny, **ALWAYS)
+@BOTH_MODES
+def test_elder_undo_out_of_order_subtracts_the_batch(tiny, requests_small, mode):
+    editor = make_editor("elder", tiny, **ALWAYS, **mode)
     initial = [p.detach().clone() for p in editor._parameters()]
     first = editor.apply(requests_small[:2])
     second = editor.apply(requests_small[2:])
@@ -479,12 +486,96 @@ def test_elder_config_errors(tiny):
         ({"layers": "9"}, "layer 9 does not exist"),
         ({"part": "mlp"}, "names [23] modules per layer; ELDER adapts one"),
         ({"part": "nowhere"}, "no module named"),
+        ({"batch_rank": -1}, "batch_rank must be at least 0"),
     ]
     for settings, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
             make_editor("elder", tiny, **settings)
     with pytest.raises(ValueError, match="at least one request"):
         make_editor("elder", tiny).apply([])
+
+
+def test_batch_loras_train_only_their_own_batch_and_leave_earlier_edits_alone(tiny, requests_small):
+    prompts = [r.prompt for r in requests_small]
+    base = per_prompt(tiny, UNRELATED)
+    efficacy_before = evaluate(tiny, requests_small)[0]["efficacy"]
+    editor = make_editor("elder", tiny, layers="1-3", **ALWAYS, **BATCH_LORAS)
+    assert len(editor.adapters) == 0 and list(editor.tensors()) == ["elder.router"]
+    editor.apply(requests_small[:2])
+    first_outputs = per_prompt(tiny, prompts[:2])
+    first_a, first_b = (t.clone() for t in editor._batch_lora_bank()[0][0])
+    editor.apply(requests_small[2:])
+    stacks, edit_loras = editor._batch_lora_bank()
+    assert edit_loras.tolist() == [0, 0, 1]
+    assert stacks[0][0].shape == (2, 4, first_a.shape[-1])
+    assert torch.equal(stacks[0][0][:1], first_a) and torch.equal(stacks[0][1][:1], first_b)
+    assert all_equal(per_prompt(tiny, prompts[:2]), first_outputs)
+    assert evaluate(tiny, requests_small)[0]["efficacy"] >= max(0.9, efficacy_before + 0.5)
+    # The subject gate alone decides here: prompts naming no edited subject are untouched.
+    assert all_equal(per_prompt(tiny, UNRELATED), base)
+
+    # The adapted output is the layer's own plus the chosen edit's batch LoRA.
+    position = len(editor.modules) - 1
+    module = tiny.module(editor.modules[position])
+    captured = []
+    hook = module.register_forward_hook(
+        lambda m, args, output: captured.append((args[0], output, editor.current_routing))
+    )
+    try:
+        logits(tiny, [prompts[2], prompts[0], UNRELATED[0]])
+    finally:
+        hook.remove()
+    x, output, routing = captured[0]
+    assert routing.rows.tolist() == [0, 1] and routing.loras.tolist()[:2] == [1, 0]
+    lora_a, lora_b = stacks[position]
+    for row, lora in ((0, 1), (1, 0)):
+        expected = module.forward(x[row]) + x[row] @ lora_a[lora].T @ lora_b[lora].T
+        torch.testing.assert_close(output[row], expected)
+    torch.testing.assert_close(output[2], module.forward(x[2]))
+
+
+def test_batch_loras_answer_a_repeated_edit_with_the_newest(tiny):
+    prompt = "The capital of France is"
+    base = logits(tiny, [prompt])
+    newest = EditRequest(prompt, "Berlin", subject="France")
+    only_newest = make_editor("elder", same_model(tiny), **ALWAYS, **BATCH_LORAS)
+    only_newest.apply([newest])
+    editor = make_editor("elder", tiny, **ALWAYS, **BATCH_LORAS)
+    editor.apply([EditRequest(prompt, "Rome", subject="France")])
+    editor.apply([newest])
+    edited = logits(tiny, [prompt])
+    assert editor.current_routing.loras.tolist() == [1]
+    # A batch's LoRA depends on its own edits alone, not on what came before.
+    assert torch.equal(edited, logits(only_newest.handle, [prompt]))
+    assert not torch.allclose(edited, base)
+
+
+def test_batch_loras_save_load_round_trip(tiny, requests_small, tmp_path):
+    editor = make_editor("elder", tiny, layers="1-3", **ALWAYS, **BATCH_LORAS)
+    editor.apply(requests_small[:2])
+    editor.apply(requests_small[2:])
+    probe = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
+    probe += UNRELATED
+    expected = logits(tiny, probe)
+    editor.save(tmp_path / "elder")
+
+    restored = same_model(tiny)
+    loaded = make_editor("elder", restored)
+    loaded.load(tmp_path / "elder")
+    assert loaded.config_dict() == editor.config_dict()
+    assert torch.equal(logits(restored, probe), expected)
+    for (a, b), (saved_a, saved_b) in zip(
+        loaded._batch_lora_bank()[0], editor._batch_lora_bank()[0], strict=True
+    ):
+        assert torch.equal(a, saved_a) and torch.equal(b, saved_b)
+    # The loaded edits are one batch holding two LoRAs; a new batch opens the third.
+    loaded.apply([EditRequest("The largest planet is", "Mars", subject="largest planet")])
+    assert loaded._batch_lora_bank()[1].tolist() == [0, 0, 1, 2]
+
+    record = tmp_path / "elder" / "elder.json"
+    record.write_text(record.read_text().replace('"batch_loras": 2', '"batch_loras": 3'))
+    with pytest.raises(ValueError, match="should have shape"):
+        make_editor("elder", same_model(tiny)).load(tmp_path / "elder")
 
 
 # GRACE ----------------------------------------------------------------------------------------
@@ -582,10 +673,11 @@ def test_grace_config_errors(tiny):
 # Journal and CLI -------------------------------------------------------------------------------
 
 
-def test_elder_through_the_journal_restart_and_undo(tiny, requests_small, tmp_path):
+@BOTH_MODES
+def test_elder_through_the_journal_restart_and_undo(tiny, requests_small, tmp_path, mode):
     prompts = [r.prompt for r in requests_small]
     base = logits(tiny, prompts + UNRELATED)
-    settings = {"steps": 5}
+    settings = {"steps": 5, **mode}
 
     def journaled(handle):
         return JournaledModel(
@@ -619,11 +711,14 @@ def test_elder_through_the_journal_restart_and_undo(tiny, requests_small, tmp_pa
     assert restarted.editor._held()[0] == []
 
 
-@pytest.mark.parametrize("method", ["elder", "grace", "memoir"])
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [("elder", {}), ("elder", BATCH_LORAS), ("grace", {}), ("memoir", {})],
+)
 def test_a_memory_batch_that_fails_is_journaled_and_changes_nothing(
-    tiny, requests_small, tmp_path, method
+    tiny, requests_small, tmp_path, method, settings
 ):
-    editor = make_editor(method, tiny, steps=3)
+    editor = make_editor(method, tiny, steps=3, **settings)
     live = JournaledModel(tiny, Journal(tmp_path / "j.db"), editor)
     live.apply(requests_small[:1])
     probe = [r.prompt for r in requests_small] + UNRELATED

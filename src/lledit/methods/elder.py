@@ -24,6 +24,11 @@ after each batch (`router_steps`); each batch rehearses earlier edits
 code bits); and an input must also name the subject of an edit whose code
 it is near, within its last words (`subject_gate`, `subject_window`).
 
+With `batch_rank` set, each batch opens one LoRA of its own per adapted layer
+instead, trained on its edits alone and frozen afterwards; the routers then
+only give the codes the deferral compares, and an input that passes uses the
+LoRA of the passing edit whose code is nearest.
+
 The adapters are forward hooks on the projections, owned by the editor: the
 model's modules, weights and state dict stay as they were.
 """
@@ -45,7 +50,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.edit import replayable_generator
+from lledit.edit import NonFiniteUpdateError, replayable_generator
 from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
 from lledit.model import ModelHandle, edit_batch, hidden_of
 
@@ -123,10 +128,19 @@ class ElderConfig:
     later batches retrain the routers."""
     seed: int = 0
     """Seed of the LoRA and router initialisation and of the edits' allocations."""
+    batch_rank: int = 0
+    """Above 0: each batch opens one LoRA of this rank on every adapted layer,
+    trains it on the batch's own edits alone and freezes it; the N LoRAs are
+    not used, the routers only give the codes that the deferral compares, and
+    an input that passes uses the LoRA of the passing edit whose code is
+    nearest (the newest on a tie). Nothing is rehearsed (`replay`,
+    `anchor_weight` and `guide_weight` do not apply): earlier edits cannot
+    drift, and a batch trains only its own LoRA. 0: the paper's shared mixture,
+    which every batch retrains (docs/methods/elder.md)."""
 
     def __post_init__(self) -> None:
         checks.at_least(self, 1, "n_loras", "rank", "top_k", "steps", "deferral_radius")
-        checks.at_least(self, 0, "subject_window")
+        checks.at_least(self, 0, "subject_window", "batch_rank")
         checks.non_negative(self, "anchor_weight", "guide_weight", "replay", "router_steps")
         checks.positive(self, "lr")
         checks.fraction(self, "early_stop")
@@ -149,6 +163,30 @@ def default_query_layer(num_layers: int, first_adapted: int) -> int:
     return min(int(0.28 * num_layers), first_adapted - 1)
 
 
+def linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of `nn.Linear` (weight d_out by d_in) or GPT-2's `Conv1D`
+    (weight stored transposed, d_in by d_out)."""
+    if isinstance(layer, Conv1D):
+        d_in, d_out = layer.weight.shape
+    elif isinstance(layer, nn.Linear):
+        d_out, d_in = layer.weight.shape
+    else:
+        raise TypeError(f"cannot adapt a {type(layer).__name__}; it is not a linear layer")
+    return d_in, d_out
+
+
+def initial_lora_a(shape: tuple[int, ...], d_in: int, generator: torch.Generator) -> torch.Tensor:
+    """LoRA A drawn uniformly within ±1/√d_in (B starts at zero)."""
+    bound = 1 / math.sqrt(d_in)
+    return torch.rand(shape, generator=generator) * 2 * bound - bound
+
+
+def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """B A x for x (batch, tokens, d_in) and one LoRA, A (r, d_in) and B (d_out, r),
+    or one per sequence, A (batch, r, d_in) and B (batch, d_out, r)."""
+    return (x @ lora_a.mT) @ lora_b.mT
+
+
 class MixtureOfLoRA(nn.Module):
     """N LoRAs for one linear layer, of which the k chosen per sequence count.
 
@@ -166,24 +204,15 @@ class MixtureOfLoRA(nn.Module):
         self, d_in: int, d_out: int, n_loras: int, rank: int, generator: torch.Generator
     ) -> None:
         super().__init__()
-        bound = 1 / math.sqrt(d_in)
-        initial = torch.rand(n_loras, rank, d_in, generator=generator) * 2 * bound - bound
-        self.lora_a = nn.Parameter(initial)
+        self.lora_a = nn.Parameter(initial_lora_a((n_loras, rank, d_in), d_in, generator))
         self.lora_b = nn.Parameter(torch.zeros(n_loras, d_out, rank))
 
     @classmethod
     def for_layer(
         cls, layer: nn.Module, n_loras: int, rank: int, generator: torch.Generator
     ) -> MixtureOfLoRA:
-        """A mixture shaped for `layer`: `nn.Linear` (weight d_out by d_in) or
-        GPT-2's `Conv1D` (weight stored transposed, d_in by d_out)."""
-        if isinstance(layer, Conv1D):
-            d_in, d_out = layer.weight.shape
-        elif isinstance(layer, nn.Linear):
-            d_out, d_in = layer.weight.shape
-        else:
-            raise TypeError(f"cannot adapt a {type(layer).__name__}; it is not a linear layer")
-        return cls(d_in, d_out, n_loras, rank, generator)
+        """A mixture shaped for `layer` (see `linear_dims`)."""
+        return cls(*linear_dims(layer), n_loras, rank, generator)
 
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
@@ -209,6 +238,8 @@ class Routing:
     """(batch, L, k) their scores, not renormalised."""
     rows: torch.Tensor | None
     """Rows that use the adapters; None: every row."""
+    loras: torch.Tensor | None = None
+    """With `batch_rank`, at inference: (batch,) the batch LoRA each row uses."""
 
     @property
     def batch_size(self) -> int:
@@ -233,6 +264,11 @@ class _Batch(HeldBatch):
     """(edits, hidden) each edit prompt's query; its code follows the current routers."""
     rehearsal_end: int
     """Where the next batch's rehearsal starts among the edits held with this one."""
+    loras: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """With `batch_rank`: per adapted layer, A (n, r, d_in) and B (n, d_out, r) of
+    the batch's own LoRAs (n = 1, or one per batch of a loaded editor)."""
+    edit_loras: torch.Tensor | None = None
+    """With `batch_rank`: (edits,) which of `loras` each edit was trained through."""
 
 
 class ElderEdit(MemoryEdit):
@@ -287,16 +323,20 @@ class ElderEditor(MemoryEditor):
         return layers, query_layer, modules
 
     def _tensor_shapes(
-        self, config: ElderConfig, modules: list[str], edits: int
+        self, config: ElderConfig, modules: list[str], edits: int, batch_loras: int
     ) -> dict[str, tuple]:
-        """The shape of every saved tensor for `config` and `edits` held edits on this model."""
+        """The shape of every saved tensor for `config`, `edits` held edits and
+        `batch_loras` LoRAs opened by batches (with `batch_rank`) on this model."""
         width = self.handle.model.get_input_embeddings().weight.shape[1]
-        n, rank = config.n_loras, config.rank
         shapes: dict[str, tuple] = {
-            "router": (len(modules), n, width),
+            "router": (len(modules), config.n_loras, width),
             "allocations": (edits, len(modules), config.top_k),
             "queries": (edits, width),
         }
+        n, rank = config.n_loras, config.rank
+        if config.batch_rank:
+            n, rank = batch_loras, config.batch_rank
+            shapes["edit_loras"] = (edits,)
         for position, name in enumerate(modules):
             d_out, d_in = self.handle.weight_of(name).shape
             shapes[f"adapters.{position}.lora_a"] = (n, rank, d_in)
@@ -310,7 +350,7 @@ class ElderEditor(MemoryEditor):
         generator = torch.Generator().manual_seed(config.seed)
         adapters = nn.ModuleList(
             MixtureOfLoRA.for_layer(handle.module(name), config.n_loras, config.rank, generator)
-            for name in modules
+            for name in ([] if config.batch_rank else modules)
         )
         width = handle.model.get_input_embeddings().weight.shape[1]
         router = torch.randn(len(layers), config.n_loras, width, generator=generator)
@@ -328,6 +368,7 @@ class ElderEditor(MemoryEditor):
         self._batches: list[_Batch] = []
         self._codes: torch.Tensor | None = None
         self._subjects: list[re.Pattern[str] | None] | None = None
+        self._bank: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None = None
         query = handle.module(handle.decoder_layer(query_layer))
         hooks = [query.register_forward_hook(self._on_query)]
         for position, name in enumerate(modules):
@@ -377,26 +418,34 @@ class ElderEditor(MemoryEditor):
             ]
         return self._subjects
 
-    def _passes(
+    def _nearest_passing(
         self, codes: torch.Tensor, stored: torch.Tensor, prompts: list[str] | None
     ) -> torch.Tensor:
-        """Whether each input uses the adapters: some edit's code lies within ε of
-        its code (Hamming distance below ε) and, when `prompts` are given (the
-        subject gate), that edit's subject is in the input's prompt.
+        """For each input, the held edit it uses the adapters through (-1: none).
 
-        Every code has exactly L·k bits set, so distance = 2 (L·k - overlap).
+        An edit lets an input through when its code lies within ε of the input's
+        (Hamming distance below ε) and, when `prompts` are given (the subject
+        gate), its subject is in the input's prompt. Of those, the one whose code
+        is nearest counts, the newest on a tie. Every code has exactly L·k bits
+        set, so distance = 2 (L·k - overlap).
         """
         overlap = codes.float() @ stored.float().T
         near = 2 * (len(self.layers) * self.config.top_k) - 2 * overlap < self.deferral_radius
-        if prompts is None:
-            return near.any(dim=1)
-        subjects = self._held_subjects()
-        passes = []
-        for row, prompt in zip(near, prompts, strict=True):
-            text = prompt.casefold()
-            edits = row.nonzero()[:, 0].tolist()
-            passes.append(any(subjects[e] is None or self._asks(subjects[e], text) for e in edits))
-        return torch.tensor(passes, device=codes.device)
+        if prompts is not None:
+            subjects = self._held_subjects()
+            gated = []
+            for row, prompt in zip(near.tolist(), prompts, strict=True):
+                text = prompt.casefold()
+                gated.append(
+                    [
+                        is_near and (subject is None or self._asks(subject, text))
+                        for is_near, subject in zip(row, subjects, strict=True)
+                    ]
+                )
+            near = torch.tensor(gated, dtype=torch.bool, device=codes.device)
+        newest_first = overlap.masked_fill(~near, -1).flip(dims=(1,))
+        nearest = stored.shape[0] - 1 - newest_first.argmax(dim=1)
+        return torch.where(near.any(dim=1), nearest, -1)
 
     def _asks(self, subject: re.Pattern[str], text: str) -> bool:
         """Whether `text` names `subject`, within `subject_window` words of its end."""
@@ -434,26 +483,42 @@ class ElderEditor(MemoryEditor):
         if not training:
             codes = allocation_codes(routing.indices, self.config.n_loras)
             prompts = self._watch.prompt_texts() if self.config.subject_gate else None
-            within = self._passes(codes, stored, prompts)
+            nearest = self._nearest_passing(codes, stored, prompts)
+            within = nearest >= 0
             routing.rows = None if bool(within.all()) else within.nonzero()[:, 0]
+            if self.config.batch_rank:
+                routing.loras = self._batch_lora_bank()[1][nearest.clamp(min=0)]
         self._local.routing = routing
         return None
 
-    def _adapter_hook(self, position: int):
-        adapter = self.adapters[position]
+    def _delta(
+        self, position: int, x: torch.Tensor, routing: Routing, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What the adapters add to layer `position`'s output for inputs `x`
+        (float32), the routing's `rows` of the pass (None: all)."""
+        select = slice(None) if rows is None else rows
+        training_loras = getattr(self._local, "batch_loras", None)
+        if training_loras is not None:
+            return lora_delta(x, *training_loras[position])
+        if routing.loras is not None:
+            lora_a, lora_b = self._batch_lora_bank()[0][position]
+            loras = routing.loras[select]
+            return lora_delta(x, lora_a[loras], lora_b[loras])
+        indices, weights = routing.indices[:, position], routing.weights[:, position]
+        return self.adapters[position](x, indices[select], weights[select])
 
+    def _adapter_hook(self, position: int):
         def add_loras(module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
             routing = self.current_routing
             if routing is None:
                 return None
             x, rows = args[0].to(self.device), routing.rows
-            indices, weights = routing.indices[:, position], routing.weights[:, position]
             if rows is None:
-                delta = adapter(x.float(), indices, weights).to(output.device)
+                delta = self._delta(position, x.float(), routing, None).to(output.device)
                 return (output.float() + delta).to(output.dtype)
             if rows.numel() == 0:
                 return None
-            delta = adapter(x[rows].float(), indices[rows], weights[rows]).to(output.device)
+            delta = self._delta(position, x[rows].float(), routing, rows).to(output.device)
             edited = output.clone()
             rows = rows.to(output.device)
             edited[rows] = (output[rows].float() + delta).to(output.dtype)
@@ -519,6 +584,8 @@ class ElderEditor(MemoryEditor):
         if not batch:
             raise ValueError("an edit batch must hold at least one request")
         batch = list(batch)
+        if self.config.batch_rank:
+            return self._apply_batch_lora(batch)
         allocation = self._allocations([request.prompt for request in batch])
         held_requests, held_allocations, held_queries = self._held()
         rehearsed, rehearsed_allocation, rehearsal_end = self._rehearsal(
@@ -575,15 +642,113 @@ class ElderEditor(MemoryEditor):
         }
         return ElderEdit(self, record, held, deltas, before, after)
 
+    def _apply_batch_lora(self, batch: list[EditRequest]) -> ElderEdit:
+        """Train a fresh LoRA per adapted layer on the batch's edits alone, refit
+        the routers so that every held edit's query gives its allocation code,
+        and hold the LoRAs with the batch (`batch_rank`)."""
+        prompts = [request.prompt for request in batch]
+        allocation = self._allocations(prompts)
+        _, held_allocations, held_queries = self._held()
+        generator = replayable_generator(self.config.seed, *prompts)
+        rank = self.config.batch_rank
+        loras = []
+        for name in self.modules:
+            d_in, d_out = linear_dims(self.handle.module(name))
+            lora_a = initial_lora_a((rank, d_in), d_in, generator).to(self.device)
+            lora_b = torch.zeros(d_out, rank, device=self.device)
+            loras.append((lora_a.requires_grad_(), lora_b.requires_grad_()))
+        tokens = edit_batch(self.handle, prompts, [request.target_new for request in batch])
+        before = self._snapshot()
+        optimizer = torch.optim.Adam([t for pair in loras for t in pair], lr=self.config.lr)
+        self._local.training = True
+        self._local.batch_loras = loras
+        try:
+            with self.handle.frozen_below(self.layers[0], tokens):
+                for step in range(self.config.steps + 1):
+                    logits = self.handle.target_logits(tokens)
+                    loss = F.cross_entropy(logits, tokens.target_ids)
+                    probability = math.exp(-loss.item())
+                    if probability >= self.config.early_stop or step == self.config.steps:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            queries = self.current_routing.queries.detach()
+            logger.debug(
+                "elder batch LoRA for %d edits: %d steps, p(target) %.3f",
+                len(batch),
+                step,
+                probability,
+            )
+            if not all(torch.isfinite(t).all() for pair in loras for t in pair):
+                raise NonFiniteUpdateError(
+                    "ELDER's batch LoRA training diverged (non-finite values); the batch "
+                    "was rejected and the editor left unchanged"
+                )
+            self._fit_routers(
+                torch.cat([held_queries, queries]), torch.cat([held_allocations, allocation])
+            )
+            deltas, after = self._settle(before)
+        except BaseException:
+            self._set_tensors(before)
+            raise
+        finally:
+            self._local.training = False
+            self._local.routing = None
+            self._local.batch_loras = None
+        held = {
+            "allocation": allocation,
+            "queries": queries,
+            "rehearsal_end": torch.tensor(0),
+            "edit_loras": torch.zeros(len(batch), dtype=torch.long),
+        }
+        for position, (lora_a, lora_b) in enumerate(loras):
+            held[f"lora_a.{position}"] = lora_a.detach()[None]
+            held[f"lora_b.{position}"] = lora_b.detach()[None]
+        record = self._add_batch(self._held_batch(held, batch))
+        return ElderEdit(self, record, held, deltas, before, after)
+
     def _held_batch(self, held: dict[str, torch.Tensor], requests: Sequence[EditRequest]) -> _Batch:
-        """The edits (for rehearsal), their allocations and queries, and where rehearsal stands."""
+        """The edits (for rehearsal), their allocations and queries, where rehearsal
+        stands, and with `batch_rank` the batch's own LoRAs."""
         device = self.device
+        loras, edit_loras = None, None
+        if "edit_loras" in held:
+            edit_loras = held["edit_loras"].to(device)
+            loras = [
+                (held[f"lora_a.{position}"].to(device), held[f"lora_b.{position}"].to(device))
+                for position in range(len(self.modules))
+            ]
         return _Batch(
             list(requests),
             held["allocation"].to(device),
             held["queries"].to(device),
             int(held["rehearsal_end"]),
+            loras,
+            edit_loras,
         )
+
+    def _batch_lora_bank(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Every held batch's LoRAs stacked per adapted layer, A (n, r, d_in) and
+        B (n, d_out, r), and (edits,) the one each held edit was trained through."""
+        if self._bank is None:
+            edit_loras, opened = [], 0
+            for batch in self._batches:
+                edit_loras.append(batch.edit_loras + opened)
+                opened += batch.loras[0][0].shape[0]
+            stacks = []
+            for position, name in enumerate(self.modules):
+                d_in, d_out = linear_dims(self.handle.module(name))
+                rank = self.config.batch_rank
+                lora_a = [torch.zeros(0, rank, d_in, device=self.device)]
+                lora_b = [torch.zeros(0, d_out, rank, device=self.device)]
+                for batch in self._batches:
+                    lora_a.append(batch.loras[position][0])
+                    lora_b.append(batch.loras[position][1])
+                stacks.append((torch.cat(lora_a), torch.cat(lora_b)))
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            self._bank = (stacks, torch.cat([empty, *edit_loras]))
+        return self._bank
 
     def _fit_routers(self, queries: torch.Tensor, allocations: torch.Tensor) -> None:
         """Train the routers alone until each query's top k is its allocation again."""
@@ -601,6 +766,7 @@ class ElderEditor(MemoryEditor):
     def _changed(self) -> None:
         self._codes = None
         self._subjects = None
+        self._bank = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Routers and LoRAs by name (as a journal stores their deltas)."""
@@ -636,8 +802,16 @@ class ElderEditor(MemoryEditor):
         for position, adapter in enumerate(self.adapters):
             tensors[f"adapters.{position}.lora_a"] = adapter.lora_a.detach()
             tensors[f"adapters.{position}.lora_b"] = adapter.lora_b.detach()
+        batch_loras = 0
+        if self.config.batch_rank:
+            stacks, tensors["edit_loras"] = self._batch_lora_bank()
+            for position, (lora_a, lora_b) in enumerate(stacks):
+                tensors[f"adapters.{position}.lora_a"] = lora_a
+                tensors[f"adapters.{position}.lora_b"] = lora_b
+            batch_loras = stacks[0][0].shape[0]
         record = {
             "config": asdict(self.config),
+            "batch_loras": batch_loras,
             "modules": self.modules,
             "query_layer": self.query_layer,
             "rehearsal_start": self._batches[-1].rehearsal_end if self._batches else 0,
@@ -662,7 +836,10 @@ class ElderEditor(MemoryEditor):
             raise ValueError(
                 f"{directory} adapts {record['modules']}; on this model its settings name {modules}"
             )
-        for key, shape in self._tensor_shapes(config, modules, len(record["edits"])).items():
+        shapes = self._tensor_shapes(
+            config, modules, len(record["edits"]), int(record.get("batch_loras", 0))
+        )
+        for key, shape in shapes.items():
             if key not in tensors or tuple(tensors[key].shape) != shape:
                 found = tuple(tensors[key].shape) if key in tensors else "nothing"
                 raise ValueError(f"{directory}: '{key}' should have shape {shape}, found {found}")
@@ -678,12 +855,14 @@ class ElderEditor(MemoryEditor):
                 adapter.lora_a.copy_(tensors[f"adapters.{position}.lora_a"])
                 adapter.lora_b.copy_(tensors[f"adapters.{position}.lora_b"])
         if requests:
-            device = self.device
-            self._batches = [
-                _Batch(
-                    requests,
-                    tensors["allocations"].to(device),
-                    tensors["queries"].to(device),
-                    rehearsal_start,
-                )
-            ]
+            held = {
+                "allocation": tensors["allocations"],
+                "queries": tensors["queries"],
+                "rehearsal_end": torch.tensor(rehearsal_start),
+            }
+            if config.batch_rank:
+                held["edit_loras"] = tensors["edit_loras"]
+                for position in range(len(modules)):
+                    held[f"lora_a.{position}"] = tensors[f"adapters.{position}.lora_a"]
+                    held[f"lora_b.{position}"] = tensors[f"adapters.{position}.lora_b"]
+            self._batches = [self._held_batch(held, requests)]
