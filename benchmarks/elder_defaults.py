@@ -1,7 +1,7 @@
 """How ELDER's and GRACE's defaults were chosen, and ELDER's deferral trade-off.
 
 ELDER: each training setting (`--elder "replay=30,n_loras=8"`, repeatable;
-an empty string is the defaults) edits `--edits` zsRE eval requests in
+an empty string is the defaults) edits `--edits` eval requests of `--data` in
 sequence (batches of 10) and then scores all of them on the final model once
 per deferral radius ε. ε only decides at inference whether an input's
 allocation code is close enough to an edit's, so one edit sequence gives the
@@ -14,7 +14,8 @@ GRACE: the distance from each edit prompt's key to its rephrases' keys and to
 unrelated prompts' keys, which brackets a sensible radius, then the metrics
 at a few radii.
 
-Run: `python benchmarks/elder_defaults.py [--edits 100] [--elder SETTINGS ...] [--no-grace]`.
+Run: `python benchmarks/elder_defaults.py [--edits 100] [--data zsre|counterfact]
+[--elder SETTINGS ...] [--no-grace]`.
 """
 
 from __future__ import annotations
@@ -101,15 +102,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--data", default="zsre", help="dataset (default: zsre)")
     parser.add_argument("--elder", action="append", help="ELDER settings key=value,...")
     parser.add_argument("--no-grace", action="store_true", help="skip the GRACE tables")
     args = parser.parse_args()
     torch.manual_seed(0)
     handle = load_model()
-    requests = load_dataset("zsre", "eval", limit=args.edits).requests
+    requests = load_dataset(args.data, "eval", limit=args.edits).requests
     reference = locality_reference(handle, requests)
     header = "| " + " | ".join(METRICS) + " | s/edit |"
-    print(f"ELDER, {len(requests)} zsRE edits in batches of {args.batch_size}\n")
+    print(f"ELDER, {len(requests)} {args.data} edits in batches of {args.batch_size}\n")
     print("| settings | ε " + header)
     print("|---" * (len(METRICS) + 3) + "|")
     ages: list[str] = []
