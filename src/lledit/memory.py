@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.hooks import RemovableHandle
 
@@ -25,8 +27,30 @@ from lledit.data.request import EditRequest
 from lledit.edit import added_weights
 from lledit.footprint import FLOAT32, TRAINED
 from lledit.model import ModelHandle, SequenceWatch
+from lledit.tokens import TokenBatch
 
 logger = logging.getLogger(__name__)
+
+
+def train_until_likely(
+    handle: ModelHandle,
+    tokens: TokenBatch,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    early_stop: float,
+) -> tuple[int, float]:
+    """Step `optimizer` on the targets' cross-entropy until their geometric mean
+    probability reaches `early_stop` or `steps` steps have run; the steps taken and
+    that probability. The editor's hooks decide what the optimizer trains."""
+    for step in range(steps + 1):
+        loss = F.cross_entropy(handle.target_logits(tokens), tokens.target_ids)
+        probability = math.exp(-loss.item())
+        if probability >= early_stop or step == steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step, probability
 
 
 class HeldBatch:

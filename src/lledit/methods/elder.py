@@ -51,7 +51,7 @@ from transformers.pytorch_utils import Conv1D
 from lledit import checks
 from lledit.data.request import EditRequest
 from lledit.edit import NonFiniteUpdateError, replayable_generator
-from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
+from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor, train_until_likely
 from lledit.model import ModelHandle, edit_batch, hidden_of
 
 logger = logging.getLogger(__name__)
@@ -664,15 +664,9 @@ class ElderEditor(MemoryEditor):
         self._local.batch_loras = loras
         try:
             with self.handle.frozen_below(self.layers[0], tokens):
-                for step in range(self.config.steps + 1):
-                    logits = self.handle.target_logits(tokens)
-                    loss = F.cross_entropy(logits, tokens.target_ids)
-                    probability = math.exp(-loss.item())
-                    if probability >= self.config.early_stop or step == self.config.steps:
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                step, probability = train_until_likely(
+                    self.handle, tokens, optimizer, self.config.steps, self.config.early_stop
+                )
             queries = self.current_routing.queries.detach()
             logger.debug(
                 "elder batch LoRA for %d edits: %d steps, p(target) %.3f",

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lledit import checks
 from lledit.data.request import EditRequest
 from lledit.edit import NonFiniteUpdateError
-from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
+from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor, train_until_likely
 from lledit.model import ModelHandle, edit_batch
 
 logger = logging.getLogger(__name__)
@@ -190,14 +189,9 @@ class GRACE(MemoryEditor):
                 with torch.no_grad():
                     self.handle.target_logits(tokens)
                 optimizer = torch.optim.Adam([state["values"]], lr=self.config.lr)
-                for step in range(self.config.steps + 1):
-                    loss = F.cross_entropy(self.handle.target_logits(tokens), tokens.target_ids)
-                    probability = math.exp(-loss.item())
-                    if probability >= self.config.early_stop or step == self.config.steps:
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                step, probability = train_until_likely(
+                    self.handle, tokens, optimizer, self.config.steps, self.config.early_stop
+                )
             logger.debug(
                 "grace batch of %d: %d steps, p(target) %.3f", len(batch), step, probability
             )

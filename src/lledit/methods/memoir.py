@@ -23,7 +23,6 @@ docs/methods/memoir.md.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import nn
 
 from lledit import checks
 from lledit.data.request import EditRequest
-from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor
+from lledit.memory import HeldBatch, MemoryEdit, MemoryEditor, train_until_likely
 from lledit.model import ModelHandle, edit_batch
 
 logger = logging.getLogger(__name__)
@@ -211,14 +210,9 @@ class MEMOIR(MemoryEditor):
                     )
                 capture.remove()
                 masks = self._local.training = captured[0]
-                for step in range(self.config.steps + 1):
-                    loss = F.cross_entropy(self.handle.target_logits(tokens), tokens.target_ids)
-                    probability = math.exp(-loss.item())
-                    if probability >= self.config.early_stop or step == self.config.steps:
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                step, probability = train_until_likely(
+                    self.handle, tokens, optimizer, self.config.steps, self.config.early_stop
+                )
             logger.debug(
                 "memoir batch of %d: %d steps, p(target) %.3f", len(batch), step, probability
             )
