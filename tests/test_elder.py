@@ -414,20 +414,29 @@ def test_two_edited_models_do_not_interfere(tiny, requests_small):
     assert not torch.equal(first.router, second.router)
 
 
-def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
-    settings = {"rank": 4, "deferral_radius": 3, "seed": 5, "replay": 1, "subject_gate": True}
+def saved_and_loaded(tiny, requests_small, folder, settings):
+    """An ELDER editor with two batches applied and saved to `folder`, and a fresh
+    copy of the model with the saved editor loaded: both editors, the copy, and
+    probe prompts with the edited model's logits on them."""
     editor = make_editor("elder", tiny, layers="1-3", **settings)
     editor.apply(requests_small[:2])
     editor.apply(requests_small[2:])
     probe = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
     probe += UNRELATED
     expected = logits(tiny, probe)
-    editor.save(tmp_path / "elder")
-
+    editor.save(folder)
     restored = same_model(tiny)
     loaded = make_editor("elder", restored)
-    loaded.load(tmp_path / "elder")
+    loaded.load(folder)
     assert loaded.config_dict() == editor.config_dict()
+    return editor, loaded, restored, probe, expected
+
+
+def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
+    settings = {"rank": 4, "deferral_radius": 3, "seed": 5, "replay": 1, "subject_gate": True}
+    editor, loaded, restored, probe, expected = saved_and_loaded(
+        tiny, requests_small, tmp_path / "elder", settings
+    )
     assert torch.equal(loaded._stored_codes(), editor._stored_codes())
     held, saved = loaded._held(), editor._held()
     assert [(r.prompt, r.target_new, r.subject) for r in held[0]] == [
@@ -551,18 +560,9 @@ def test_batch_loras_answer_a_repeated_edit_with_the_newest(tiny):
 
 
 def test_batch_loras_save_load_round_trip(tiny, requests_small, tmp_path):
-    editor = make_editor("elder", tiny, layers="1-3", **ALWAYS, **BATCH_LORAS)
-    editor.apply(requests_small[:2])
-    editor.apply(requests_small[2:])
-    probe = [r.prompt for r in requests_small] + [r.rephrases[0] for r in requests_small]
-    probe += UNRELATED
-    expected = logits(tiny, probe)
-    editor.save(tmp_path / "elder")
-
-    restored = same_model(tiny)
-    loaded = make_editor("elder", restored)
-    loaded.load(tmp_path / "elder")
-    assert loaded.config_dict() == editor.config_dict()
+    editor, loaded, restored, probe, expected = saved_and_loaded(
+        tiny, requests_small, tmp_path / "elder", {**ALWAYS, **BATCH_LORAS}
+    )
     assert torch.equal(logits(restored, probe), expected)
     for (a, b), (saved_a, saved_b) in zip(
         loaded._batch_lora_bank()[0], editor._batch_lora_bank()[0], strict=True

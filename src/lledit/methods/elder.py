@@ -38,7 +38,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -163,18 +164,6 @@ def default_query_layer(num_layers: int, first_adapted: int) -> int:
     return min(int(0.28 * num_layers), first_adapted - 1)
 
 
-def linear_dims(layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of `nn.Linear` (weight d_out by d_in) or GPT-2's `Conv1D`
-    (weight stored transposed, d_in by d_out)."""
-    if isinstance(layer, Conv1D):
-        d_in, d_out = layer.weight.shape
-    elif isinstance(layer, nn.Linear):
-        d_out, d_in = layer.weight.shape
-    else:
-        raise TypeError(f"cannot adapt a {type(layer).__name__}; it is not a linear layer")
-    return d_in, d_out
-
-
 def initial_lora_a(shape: tuple[int, ...], d_in: int, generator: torch.Generator) -> torch.Tensor:
     """LoRA A drawn uniformly within ±1/√d_in (B starts at zero)."""
     bound = 1 / math.sqrt(d_in)
@@ -211,8 +200,15 @@ class MixtureOfLoRA(nn.Module):
     def for_layer(
         cls, layer: nn.Module, n_loras: int, rank: int, generator: torch.Generator
     ) -> MixtureOfLoRA:
-        """A mixture shaped for `layer` (see `linear_dims`)."""
-        return cls(*linear_dims(layer), n_loras, rank, generator)
+        """A mixture shaped for `layer`: `nn.Linear` (weight d_out by d_in) or
+        GPT-2's `Conv1D` (weight stored transposed, d_in by d_out)."""
+        if isinstance(layer, Conv1D):
+            d_in, d_out = layer.weight.shape
+        elif isinstance(layer, nn.Linear):
+            d_out, d_in = layer.weight.shape
+        else:
+            raise TypeError(f"cannot adapt a {type(layer).__name__}; it is not a linear layer")
+        return cls(d_in, d_out, n_loras, rank, generator)
 
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
@@ -433,16 +429,15 @@ class ElderEditor(MemoryEditor):
         near = 2 * (len(self.layers) * self.config.top_k) - 2 * overlap < self.deferral_radius
         if prompts is not None:
             subjects = self._held_subjects()
-            gated = []
-            for row, prompt in zip(near.tolist(), prompts, strict=True):
-                text = prompt.casefold()
-                gated.append(
-                    [
-                        is_near and (subject is None or self._asks(subject, text))
-                        for is_near, subject in zip(row, subjects, strict=True)
-                    ]
-                )
-            near = torch.tensor(gated, dtype=torch.bool, device=codes.device)
+            texts = [prompt.casefold() for prompt in prompts]
+            unasked = [
+                (row, edit)
+                for row, edit in near.nonzero().tolist()
+                if subjects[edit] is not None and not self._asks(subjects[edit], texts[row])
+            ]
+            if unasked:
+                rows, edits = zip(*unasked, strict=True)
+                near[list(rows), list(edits)] = False
         newest_first = overlap.masked_fill(~near, -1).flip(dims=(1,))
         nearest = stored.shape[0] - 1 - newest_first.argmax(dim=1)
         return torch.where(near.any(dim=1), nearest, -1)
@@ -575,6 +570,27 @@ class ElderEditor(MemoryEditor):
         end = (start + count) % max(len(requests), 1)
         return [requests[index] for index in chosen], allocations[chosen], end
 
+    @contextmanager
+    def _training(
+        self,
+        before: dict[str, torch.Tensor],
+        batch_loras: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> Iterator[None]:
+        """Forward passes in this thread train (through `batch_loras`, with
+        `batch_rank`); whatever fails inside puts the editor's tensors back to
+        `before`."""
+        self._local.training = True
+        self._local.batch_loras = batch_loras
+        try:
+            yield
+        except BaseException:
+            self._set_tensors(before)
+            raise
+        finally:
+            self._local.training = False
+            self._local.routing = None
+            self._local.batch_loras = None
+
     def apply(self, batch: Sequence[EditRequest]) -> ElderEdit:
         """Train adapters and routers on the batch's prompts, with `replay`
         earlier edits rehearsed alongside, and keep the new edits' queries.
@@ -599,8 +615,7 @@ class ElderEditor(MemoryEditor):
         new_tokens = tokens.target_rows < len(batch)
         before = self._snapshot()
         optimizer = torch.optim.Adam(self._parameters(), lr=self.config.lr)
-        self._local.training = True
-        try:
+        with self._training(before):
             with self.handle.frozen_below(self.layers[0], tokens):
                 for step in range(self.config.steps + 1):
                     logits = self.handle.target_logits(tokens)
@@ -628,12 +643,6 @@ class ElderEditor(MemoryEditor):
                 "elder batch of %d: %d steps, p(target) %.3f", len(batch), step, probability
             )
             deltas, after = self._settle(before)
-        except BaseException:
-            self._set_tensors(before)
-            raise
-        finally:
-            self._local.training = False
-            self._local.routing = None
         record = self._add_batch(_Batch(batch, trained_through, queries, rehearsal_end))
         held = {
             "allocation": trained_through,
@@ -653,16 +662,14 @@ class ElderEditor(MemoryEditor):
         rank = self.config.batch_rank
         loras = []
         for name in self.modules:
-            d_in, d_out = linear_dims(self.handle.module(name))
+            d_out, d_in = self.handle.weight_of(name).shape
             lora_a = initial_lora_a((rank, d_in), d_in, generator).to(self.device)
             lora_b = torch.zeros(d_out, rank, device=self.device)
             loras.append((lora_a.requires_grad_(), lora_b.requires_grad_()))
         tokens = edit_batch(self.handle, prompts, [request.target_new for request in batch])
         before = self._snapshot()
         optimizer = torch.optim.Adam([t for pair in loras for t in pair], lr=self.config.lr)
-        self._local.training = True
-        self._local.batch_loras = loras
-        try:
+        with self._training(before, loras):
             with self.handle.frozen_below(self.layers[0], tokens):
                 step, probability = train_until_likely(
                     self.handle, tokens, optimizer, self.config.steps, self.config.early_stop
@@ -683,13 +690,6 @@ class ElderEditor(MemoryEditor):
                 torch.cat([held_queries, queries]), torch.cat([held_allocations, allocation])
             )
             deltas, after = self._settle(before)
-        except BaseException:
-            self._set_tensors(before)
-            raise
-        finally:
-            self._local.training = False
-            self._local.routing = None
-            self._local.batch_loras = None
         held = {
             "allocation": allocation,
             "queries": queries,
@@ -730,10 +730,9 @@ class ElderEditor(MemoryEditor):
             for batch in self._batches:
                 edit_loras.append(batch.edit_loras + opened)
                 opened += batch.loras[0][0].shape[0]
-            stacks = []
+            stacks, rank = [], self.config.batch_rank
             for position, name in enumerate(self.modules):
-                d_in, d_out = linear_dims(self.handle.module(name))
-                rank = self.config.batch_rank
+                d_out, d_in = self.handle.weight_of(name).shape
                 lora_a = [torch.zeros(0, rank, d_in, device=self.device)]
                 lora_b = [torch.zeros(0, d_out, rank, device=self.device)]
                 for batch in self._batches:
