@@ -33,9 +33,11 @@ UNRELATED = [
 ]
 # Every sequence uses the adapters: the radius exceeds the largest code distance.
 ALWAYS = {"deferral_radius": 100}
-# Each batch opens its own LoRA (rank 4) instead of training the shared mixture.
+# The paper's shared mixture, which every batch retrains.
+MIXTURE = {"batch_rank": 0}
+# Each batch opens its own LoRA (the default; rank 4 here) instead.
 BATCH_LORAS = {"batch_rank": 4}
-BOTH_MODES = pytest.mark.parametrize("mode", [{}, BATCH_LORAS], ids=["mixture", "batch_loras"])
+BOTH_MODES = pytest.mark.parametrize("mode", [MIXTURE, BATCH_LORAS], ids=["mixture", "batch_loras"])
 
 
 def same_model(handle: ModelHandle, dtype: torch.dtype | None = None) -> ModelHandle:
@@ -156,7 +158,7 @@ def test_mixture_wraps_linear_and_conv1d():
 
 
 def test_adapted_layer_output_is_base_plus_the_selected_loras(tiny, requests_small):
-    editor = make_editor("elder", tiny, **ALWAYS)
+    editor = make_editor("elder", tiny, **ALWAYS, **MIXTURE)
     editor.apply(requests_small)
     position = len(editor.modules) - 1
     module = tiny.module(editor.modules[position])
@@ -239,6 +241,27 @@ def test_elder_subject_gate_defers_prompts_that_do_not_name_an_edited_subject(ti
     ungated.apply(requests_small[:2])
     assert not any(
         torch.equal(logits(tiny, [p]), b) for p, b in zip(unnamed, base[2:], strict=True)
+    )
+
+
+def test_elder_subject_gate_passes_a_named_subject_whatever_its_code(tiny, requests_small):
+    subjectless = EditRequest("The largest planet is", "Mars")
+    # Radius 1: on codes alone only an exact match passes.
+    editor = make_editor("elder", tiny, layers="1-3", deferral_radius=1)
+    editor.apply([requests_small[0], subjectless])
+    stored = editor._stored_codes()
+    layers, n = len(editor.layers), editor.config.n_loras
+    candidates = [
+        allocation_codes(torch.tensor([[[first, first + 1]] * layers]), n) for first in (0, 2, 4)
+    ]
+    far = next(code for code in candidates if not (code == stored).all(dim=1).any())
+    prompts = ["France's capital is", "Tell me about FRANCE. Its capital is", "Frances is"]
+    assert editor._nearest_passing(far.repeat(3, 1), stored, prompts).tolist() == [0, 0, -1]
+    assert editor._nearest_passing(far.repeat(3, 1), stored, None).tolist() == [-1] * 3
+    # The edit without a subject is judged on its code, with or without the gate.
+    assert editor._nearest_passing(stored[1:], stored, ["Jupiter is"]).tolist() == [1]
+    assert not torch.allclose(
+        logits(tiny, [subjectless.prompt]), logits(same_model(tiny), [subjectless.prompt])
     )
 
 
@@ -343,7 +366,9 @@ def test_guided_loss_routes_rephrases_to_the_edit_allocation(tiny):
         """Mean fraction of each rephrase's chosen LoRAs that lie in its own edit's
         random allocation, and in the other edits' allocations (chance: k/N = 0.5)."""
         handle = same_model(tiny)
-        editor = make_editor("elder", handle, guide_weight=guide_weight, seed=1, n_loras=4)
+        editor = make_editor(
+            "elder", handle, guide_weight=guide_weight, seed=1, n_loras=4, **MIXTURE
+        )
         editor.apply(requests)
         allocation = editor._allocations([request.prompt for request in requests])
         layers, n = len(editor.layers), editor.config.n_loras
@@ -433,7 +458,7 @@ def saved_and_loaded(tiny, requests_small, folder, settings):
 
 
 def test_elder_save_load_round_trip(tiny, requests_small, tmp_path):
-    settings = {"rank": 4, "deferral_radius": 3, "seed": 5, "replay": 1, "subject_gate": True}
+    settings = {"rank": 4, "deferral_radius": 3, "seed": 5, "replay": 1, **MIXTURE}
     editor, loaded, restored, probe, expected = saved_and_loaded(
         tiny, requests_small, tmp_path / "elder", settings
     )
@@ -713,7 +738,7 @@ def test_elder_through_the_journal_restart_and_undo(tiny, requests_small, tmp_pa
 
 @pytest.mark.parametrize(
     ("method", "settings"),
-    [("elder", {}), ("elder", BATCH_LORAS), ("grace", {}), ("memoir", {})],
+    [("elder", MIXTURE), ("elder", BATCH_LORAS), ("grace", {}), ("memoir", {})],
 )
 def test_a_memory_batch_that_fails_is_journaled_and_changes_nothing(
     tiny, requests_small, tmp_path, method, settings
@@ -756,7 +781,13 @@ def test_cli_edit_with_elder_is_journaled(tiny, requests_small, tmp_path):
     with Journal(journal) as opened:
         (batch,) = opened.batches()
         assert batch.method == "elder" and batch.delta_file and batch.held_file
-        assert set(opened.held(batch)) == {"allocation", "queries", "rehearsal_end"}
+        # By default the batch's own LoRA on each adapted layer is held with it.
+        layers = len(make_editor("elder", same_model(tiny)).layers)
+        loras = {f"lora_{part}.{position}" for part in "ab" for position in range(layers)}
+        assert (
+            set(opened.held(batch))
+            == {"allocation", "queries", "rehearsal_end", "edit_loras"} | loras
+        )
 
 
 def test_grace_through_the_journal_restart_and_undo(tiny, requests_small, tmp_path):
@@ -800,7 +831,7 @@ def test_bench_runs_elder_and_grace(tiny, tmp_path):
 
 
 def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, requests_small):
-    editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=3)
+    editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=3, **MIXTURE)
     first = editor.apply(requests_small[:2])
     with sequences_per_pass(tiny) as rows:
         editor.apply(requests_small[2:])
@@ -812,7 +843,7 @@ def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, reques
     for request, allocation in zip(requests, allocations, strict=True):
         assert torch.equal(allocation, everything[held.index(request.prompt)])
 
-    plain = make_editor("elder", same_model(tiny), replay=0, early_stop=1.0, steps=3)
+    plain = make_editor("elder", same_model(tiny), replay=0, early_stop=1.0, steps=3, **MIXTURE)
     plain.apply(requests_small[:2])
     with sequences_per_pass(plain.handle) as rows:
         plain.apply(requests_small[2:])
@@ -821,7 +852,7 @@ def test_elder_rehearses_earlier_edits_towards_their_own_allocation(tiny, reques
 
 def test_elder_rehearses_the_held_edits_in_turn(tiny):
     requests = [EditRequest(prompt, "Rome") for prompt in UNRELATED]
-    editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=1)
+    editor = make_editor("elder", tiny, replay=2, early_stop=1.0, steps=1, **MIXTURE)
     rehearsals = []
     choose = editor._rehearsal
 
@@ -839,7 +870,7 @@ def test_elder_rehearses_the_held_edits_in_turn(tiny):
 
 
 def test_elder_codes_follow_the_current_routers(tiny, requests_small):
-    editor = make_editor("elder", tiny, replay=0, guide_weight=1.0)
+    editor = make_editor("elder", tiny, replay=0, guide_weight=1.0, **MIXTURE)
     first = editor.apply(requests_small[:2])
     router = editor.router.detach().clone()
     editor.apply(requests_small[2:])
@@ -860,13 +891,13 @@ def test_elder_early_stop_judges_new_and_rehearsed_edits_apart():
 
 
 def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests_small):
-    every_step = make_editor("elder", tiny, early_stop=1.0, steps=5)
+    every_step = make_editor("elder", tiny, early_stop=1.0, steps=5, **MIXTURE)
     with sequences_per_pass(tiny) as rows:
         every_step.apply(requests_small[:2])
     assert len(rows) == 5 + 1
     every_step.remove()
 
-    at_once = make_editor("elder", tiny, early_stop=1e-9, steps=5)
+    at_once = make_editor("elder", tiny, early_stop=1e-9, steps=5, **MIXTURE)
     before = [p.detach().clone() for p in at_once._parameters()]
     with sequences_per_pass(tiny) as rows:
         at_once.apply(requests_small[:2])
@@ -877,7 +908,7 @@ def test_elder_stops_training_a_batch_once_its_targets_are_likely(tiny, requests
 def agreement_after_drift(tiny, requests_small, **settings) -> tuple[float, float]:
     """Share of the first batch's code bits on its allocation (the LoRAs it was
     trained through): after the routers drift, and after the next batch trained."""
-    editor = make_editor("elder", same_model(tiny), replay=0, **settings)
+    editor = make_editor("elder", same_model(tiny), replay=0, **MIXTURE, **settings)
     first = editor.apply(requests_small[:2])
     wanted = allocation_codes(first.allocation, editor.config.n_loras)
     assert torch.equal(first.codes, wanted)
