@@ -30,10 +30,10 @@ from lledit.eval import locality_reference
 from lledit.methods import parse_settings
 
 ELDER_SETTINGS = [
-    "replay=0,early_stop=1",  # the paper's training: every step, no rehearsal
-    "replay=0",
-    "replay=10",
-    "",  # the defaults
+    "batch_rank=0,replay=0,early_stop=1",  # the paper's training: every step, no rehearsal
+    "batch_rank=0,replay=0",
+    "batch_rank=0",  # the shared mixture, with rehearsal
+    "",  # the defaults: a LoRA per batch
 ]
 RADII = (4, 8, 12, 16, 25)  # codes of 48 bits differ in at most 24
 GRACE_RADII = (1.0, 10.0, 30.0)
