@@ -96,8 +96,8 @@ class ElderConfig:
     subject, and passes given embeddings rather than token ids, are judged on
     codes within ε. Neighbourhood prompts (another subject, the same relation)
     route like the edit but rarely name its subject: CounterFact locality went
-    from 0.06 to 0.98 over 1000 edits. Codes within ε as well held back a
-    third of the rephrases the LoRA per batch answers (docs/methods/elder.md)."""
+    from 0.06 to 0.98 over 1000 edits. Codes within ε as well held back nearly
+    a third of the rephrases the LoRA per batch answers (docs/methods/elder.md)."""
     subject_window: int | None = 12
     """With the subject gate, at most this many words may follow the subject's
     last mention in the prompt: the prompt asks about the subject rather than
