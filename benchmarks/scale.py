@@ -14,8 +14,9 @@ extrapolated to the full 32 layers:
     peak(32) ≈ base(L) + (32 - L) · one layer's weights
                + (peak(L) - base(L)) · edited layers at 32 / edited layers at L
 
-where base(L) is the process's memory with the model loaded and one forward
-and backward pass done, before the method exists: what a method adds is
+where base(L) is the process's peak memory once the model is built, before
+the method exists (the timed forward and backward pass runs after the peak
+is read, so it is in neither figure): what a method adds is
 taken to grow with the number of layers it edits, which its default band
 sets (at 32 layers as on the full model). The hypernetwork methods edit with
 an untrained network of their default size, which costs what a trained one
@@ -82,7 +83,9 @@ def build(shapes: dict, layers: int, device: str, dtype: str):
     finally:
         torch.set_default_dtype(default)
     tokenizer = AutoTokenizer.from_pretrained(default_model_folder(), local_files_only=True)
-    return ModelHandle(model, tokenizer, f"llama3-8b-shapes-{layers}-layers")
+    # Named by its shapes: cached key statistics are found by name.
+    name = f"random-llama-{shapes['hidden_size']}x{shapes['intermediate_size']}-{layers}-layers"
+    return ModelHandle(model, tokenizer, name)
 
 
 def print_counted(methods: list[str], dtype: str) -> None:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lledit.stats import key_covariances, read_corpus
 
@@ -35,6 +36,21 @@ def test_key_statistics_are_cached_and_reused(tiny, monkeypatch, tmp_path):
     # Another sample count is another cache entry.
     with pytest.raises(AssertionError, match="recomputed"):
         key_covariances(tiny, modules, samples=301, max_length=32, batch_size=4)
+
+
+def test_cached_statistics_of_another_width_are_computed_again(tiny, tmp_path, caplog):
+    # Another model cached under the same name, with narrower MLPs.
+    module = tiny.layer_module(1, tiny.arch.mlp_out)
+    width = tiny.weight_of(module).shape[1]
+    first = key_covariances(tiny, [module], samples=300, max_length=32, batch_size=4)[module]
+    (path,) = (tmp_path / "cache" / "lledit" / "stats").rglob("*.safetensors")
+    save_file({"covariance": torch.eye(width - 8)}, str(path))
+    with caplog.at_level("WARNING", logger="lledit.stats"):
+        again = key_covariances(tiny, [module], samples=300, max_length=32, batch_size=4)[module]
+    assert f"ignoring statistics {path}" in caplog.text
+    assert f"takes {width}-wide keys" in caplog.text
+    assert torch.equal(again, first)
+    assert torch.equal(load_file(path)["covariance"], first)
 
 
 def test_too_few_keys_for_their_width_are_warned_about(tiny, caplog):

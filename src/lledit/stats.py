@@ -139,7 +139,9 @@ def _stats_path(key: dict[str, Any]) -> Path:
     return stats_dir() / model / f"{name}.safetensors"
 
 
-def _load_stats(key: dict[str, Any]) -> torch.Tensor | None:
+def _load_stats(key: dict[str, Any], width: int) -> torch.Tensor | None:
+    """The cached statistics of `key`, or None when there are none that fit
+    `width`-wide keys (another model cached under the same name, say)."""
     path = _stats_path(key)
     settings = path.with_suffix(".json")
     if not (path.exists() and settings.exists()):
@@ -147,10 +149,22 @@ def _load_stats(key: dict[str, Any]) -> torch.Tensor | None:
     try:
         if json.loads(settings.read_text())["key"] != key:
             return None
-        return load_file(path)["covariance"]
+        covariance = load_file(path)["covariance"]
     except (OSError, ValueError, KeyError) as error:
         logger.warning("ignoring unreadable statistics %s: %s", path, error)
         return None
+    if covariance.shape != (width, width):
+        logger.warning(
+            "ignoring statistics %s: they are %s but %s takes %d-wide keys "
+            "(another model cached under the name %r?); computing them again",
+            path,
+            "x".join(map(str, covariance.shape)),
+            key["module"],
+            width,
+            key["model"],
+        )
+        return None
+    return covariance
 
 
 def _save_stats(key: dict[str, Any], covariance: torch.Tensor, info: dict[str, Any]) -> None:
@@ -296,7 +310,7 @@ def key_covariances(
     }
     result = {}
     for module, key in keys.items():
-        cached = _load_stats(key)
+        cached = _load_stats(key, handle.weight_of(module).shape[1])
         if cached is not None:
             logger.info("key statistics of %s loaded from %s", module, _stats_path(key))
             result[module] = cached
