@@ -24,9 +24,10 @@ does. Settings that only change how long statistics take to gather
 (`stats_samples`) are lowered; they do not change any tensor's size.
 
 Run: `python benchmarks/scale.py [--methods ft,memit] [--layers 8] [--device cuda]
-[--dtype bfloat16] [--batches 3] [--budget-s 900]`; `--tiny` checks the script on
-small shapes in seconds; `--counted` prints only what each method's
-`memory_share()` counts on all 32 layers, built on the meta device (instant).
+[--dtype bfloat16] [--batches 3] [--budget-s 900]`; `--tiny` checks the script
+on small shapes in seconds; `--only-report` prints the table of the methods
+already run; `--counted` prints only what each method's `memory_share()`
+counts on all 32 layers, built on the meta device (instant).
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="Small shapes: check the script.")
     parser.add_argument("--counted", action="store_true", help="Only the counted shares.")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scale")
+    parser.add_argument("--only-report", action="store_true", help="Table only.")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     arguments.out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def main() -> None:
               f"--dtype={arguments.dtype}", f"--batches={arguments.batches}",
               f"--budget-s={arguments.budget_s}", f"--out={arguments.out}"]  # fmt: skip
     passed += ["--tiny"] if arguments.tiny else []
-    for method in methods:
+    for method in [] if arguments.only_report else methods:
         command = [sys.executable, __file__, *passed, "--one", method.strip()]
         finished = subprocess.run(command, env=os.environ, check=False)
         if finished.returncode:
