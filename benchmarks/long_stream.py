@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,13 @@ def resident_mib() -> float:
     return peak_memory_mb(torch.device("cpu"))
 
 
+def journal_bytes(database: Path) -> int:
+    """The journal's size on disk: its database files and its folder of deltas."""
+    files = [p for p in database.parent.glob(f"{database.name}*") if p.is_file()]
+    files += list(database.parent.glob(f"{database.name}*/*"))
+    return sum(path.stat().st_size for path in files)
+
+
 def run_one(method: str, edits: int, budget_s: float, checkpoint: str | None, out: Path) -> None:
     """One method's stream, a line of OUT/<method>.jsonl per batch."""
     from lledit import load_dataset, load_model, make_editor
@@ -52,7 +60,10 @@ def run_one(method: str, edits: int, budget_s: float, checkpoint: str | None, ou
     requests = load_dataset("counterfact", "eval", limit=edits).requests
     database = out / f"{method}.db"
     for stale in out.glob(f"{method}.db*"):
-        stale.unlink()
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     lines = out / f"{method}.jsonl"
     lines.unlink(missing_ok=True)
     started = time.perf_counter()
@@ -62,7 +73,7 @@ def run_one(method: str, edits: int, budget_s: float, checkpoint: str | None, ou
             batch_started = time.perf_counter()
             edited.apply(requests[start : start + BATCH])
             seconds = time.perf_counter() - batch_started
-            on_disk = sum(path.stat().st_size for path in out.glob(f"{method}.db*"))
+            on_disk = journal_bytes(database)
             batch = {
                 "edits": start + BATCH,
                 "seconds": seconds,
