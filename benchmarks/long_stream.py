@@ -12,7 +12,10 @@ the median batch time over its first 1000 edits, the median over its last 10
 batches, their ratio, and its memory growth.
 
 Run: `python benchmarks/long_stream.py [--methods ft,grace] [--budget-min 30]
-[--edits 10000] [--checkpoint rledit=runs/ckpt/rledit] [--out runs/long_stream]`.
+[--edits 10000] [--checkpoint rledit=DIR] [--out runs/long_stream]`. By default
+every method runs; the hypernetwork methods read their trained networks from
+`runs/ckpt/<method>` (`lledit train -m <method> --data zsre --out
+runs/ckpt/<method>`) unless `--checkpoint` names another folder.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 10
+SMOOTHING = 25
 
 
 def resident_mib() -> float:
@@ -98,7 +102,7 @@ def summary(record: dict) -> list[str]:
         f"{statistics.median(last):.2f}",
         f"{statistics.median(last) / statistics.median(first):.2f}",
         f"{batches[0]['resident_mib']:.0f} → {batches[-1]['resident_mib']:.0f} (+{growth:.0f})",
-        f"{batches[-1]['journal_mib']:.1f}",
+        f"{batches[-1]['journal_mib'] / 1024:.2f}",
     ]
 
 
@@ -110,10 +114,22 @@ def plot(records: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for record in records:
-        edits = [b["edits"] for b in record["batches"]]
-        for axis, key in zip(axes, ("seconds", "resident_mib", "journal_mib"), strict=True):
-            axis.plot(edits, [b[key] for b in record["batches"]], label=record["method"])
-    titles = ("seconds per batch of 10", "resident memory (MiB)", "journal on disk (MiB)")
+        batches = record["batches"]
+        edits = [b["edits"] for b in batches]
+        seconds = [b["seconds"] for b in batches]
+        # A running median over SMOOTHING batches: single batches jitter with the machine.
+        smoothed = [
+            statistics.median(seconds[max(0, i - SMOOTHING + 1) : i + 1])
+            for i in range(len(seconds))
+        ]
+        axes[0].plot(edits, smoothed, label=record["method"])
+        axes[1].plot(edits, [b["resident_mib"] for b in batches])
+        axes[2].plot(edits, [b["journal_mib"] / 1024 for b in batches])
+    titles = (
+        f"seconds per batch of 10 (median of {SMOOTHING})",
+        "resident memory (MiB)",
+        "journal on disk (GiB)",
+    )
     for axis, title in zip(axes, titles, strict=True):
         axis.set_title(title)
         axis.set_xlabel("edits applied")
@@ -125,9 +141,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--methods", default="ft,memit,alphaedit,ultraedit,locft,grace,elder,memoir"
-    )
+    parser.add_argument("--methods", default=None, help="Comma-separated; default every one.")
     parser.add_argument("--checkpoint", action="append", default=[], help="METHOD=DIR")
     parser.add_argument("--edits", type=int, default=10000)
     parser.add_argument("--budget-min", type=float, default=30.0)
@@ -143,12 +157,25 @@ def main() -> None:
             arguments.one, arguments.edits, budget, checkpoints.get(arguments.one), arguments.out
         )
         return
-    methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
+    from lledit.methods import METHODS
+
+    methods = (arguments.methods or ",".join(m for m in METHODS if m != "none")).split(",")
+    methods = [m.strip() for m in methods if m.strip()]
     if not arguments.only_report:
+        for method in methods:
+            if "checkpoint" in METHODS[method].config_class.__dataclass_fields__:
+                checkpoints.setdefault(method, str(ROOT / "runs" / "ckpt" / method))
+                if not Path(checkpoints[method]).exists():
+                    raise SystemExit(
+                        f"{method} needs a trained network and there is none at "
+                        f"{checkpoints[method]}: train one with `lledit train -m {method} "
+                        f"--data zsre --out {checkpoints[method]}` or pass "
+                        f"--checkpoint {method}=DIR"
+                    )
         for method in methods:
             command = [sys.executable, __file__, "--one", method, "--edits", str(arguments.edits)]
             command += ["--budget-min", str(arguments.budget_min), "--out", str(arguments.out)]
-            command += [f"--checkpoint={item}" for item in arguments.checkpoint]
+            command += [f"--checkpoint={m}={folder}" for m, folder in checkpoints.items()]
             subprocess.run(command, check=True)
     records = [
         {"method": m, "batches": [json.loads(line) for line in path.read_text().splitlines()]}
@@ -157,7 +184,7 @@ def main() -> None:
     ]
     plot(records, arguments.out / "long_stream.png")
     header = ["method", "edits reached", "s/batch, first 1000", "s/batch, last 10 batches",
-              "last / first", "resident MiB", "journal MiB"]  # fmt: skip
+              "last / first", "resident MiB", "journal GiB"]  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for record in records:
