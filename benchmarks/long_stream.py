@@ -101,7 +101,7 @@ def summary(record: dict) -> list[str]:
         f"{statistics.median(first):.2f}",
         f"{statistics.median(last):.2f}",
         f"{statistics.median(last) / statistics.median(first):.2f}",
-        f"{batches[0]['resident_mib']:.0f} → {batches[-1]['resident_mib']:.0f} (+{growth:.0f})",
+        f"{batches[0]['resident_mib']:.0f} → {batches[-1]['resident_mib']:.0f} ({growth:+.0f})",
         f"{batches[-1]['journal_mib'] / 1024:.2f}",
     ]
 
