@@ -113,7 +113,8 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for record in records:
+    colours = plt.get_cmap("tab20").colors  # eleven methods: the default cycle has ten
+    for record, colour in zip(records, colours[::2] + colours[1::2], strict=False):
         batches = record["batches"]
         edits = [b["edits"] for b in batches]
         seconds = [b["seconds"] for b in batches]
@@ -122,9 +123,9 @@ def plot(records: list[dict], path: Path) -> None:
             statistics.median(seconds[max(0, i - SMOOTHING + 1) : i + 1])
             for i in range(len(seconds))
         ]
-        axes[0].plot(edits, smoothed, label=record["method"])
-        axes[1].plot(edits, [b["resident_mib"] for b in batches])
-        axes[2].plot(edits, [b["journal_mib"] / 1024 for b in batches])
+        axes[0].plot(edits, smoothed, label=record["method"], color=colour)
+        axes[1].plot(edits, [b["resident_mib"] for b in batches], color=colour)
+        axes[2].plot(edits, [b["journal_mib"] / 1024 for b in batches], color=colour)
     titles = (
         f"seconds per batch of 10 (median of {SMOOTHING})",
         "resident memory (MiB)",
