@@ -294,7 +294,8 @@ def key_covariances(
     statistics are asked for again; a reloaded matrix is identical to the
     computed one.
     """
-    width = max(handle.weight_of(module).shape[1] for module in modules)
+    widths = {module: handle.weight_of(module).shape[1] for module in modules}
+    width = max(widths.values())
     if samples < 2 * width:
         # Too few keys leave directions of ordinary text unseen; updates then use them.
         logger.warning(
@@ -310,7 +311,7 @@ def key_covariances(
     }
     result = {}
     for module, key in keys.items():
-        cached = _load_stats(key, handle.weight_of(module).shape[1])
+        cached = _load_stats(key, widths[module])
         if cached is not None:
             logger.info("key statistics of %s loaded from %s", module, _stats_path(key))
             result[module] = cached
