@@ -29,6 +29,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lledit.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 10
@@ -47,11 +51,10 @@ def resident_mib() -> float:
     return peak_memory_mb(torch.device("cpu"))
 
 
-def journal_bytes(database: Path) -> int:
+def journal_bytes(journal: Journal) -> int:
     """The journal's size on disk: its database files and its folder of deltas."""
-    files = [p for p in database.parent.glob(f"{database.name}*") if p.is_file()]
-    files += list(database.parent.glob(f"{database.name}*/*"))
-    return sum(path.stat().st_size for path in files)
+    files = [*journal.path.parent.glob(f"{journal.path.name}*"), *journal.delta_dir.iterdir()]
+    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def run_one(method: str, edits: int, budget_s: float, checkpoint: str | None, out: Path) -> None:
@@ -77,7 +80,7 @@ def run_one(method: str, edits: int, budget_s: float, checkpoint: str | None, ou
             batch_started = time.perf_counter()
             edited.apply(requests[start : start + BATCH])
             seconds = time.perf_counter() - batch_started
-            on_disk = journal_bytes(database)
+            on_disk = journal_bytes(journal)
             batch = {
                 "edits": start + BATCH,
                 "seconds": seconds,
@@ -158,21 +161,20 @@ def main() -> None:
             arguments.one, arguments.edits, budget, checkpoints.get(arguments.one), arguments.out
         )
         return
-    from lledit.methods import METHODS
+    from lledit.hypernet.checkpoint import CheckpointError, read_meta
+    from lledit.methods import METHODS, is_trained
 
-    methods = (arguments.methods or ",".join(m for m in METHODS if m != "none")).split(",")
-    methods = [m.strip() for m in methods if m.strip()]
+    if arguments.methods:
+        methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
+    else:
+        methods = [m for m in METHODS if m != "none"]
     if not arguments.only_report:
-        for method in methods:
-            if "checkpoint" in METHODS[method].config_class.__dataclass_fields__:
-                checkpoints.setdefault(method, str(ROOT / "runs" / "ckpt" / method))
-                if not Path(checkpoints[method]).exists():
-                    raise SystemExit(
-                        f"{method} needs a trained network and there is none at "
-                        f"{checkpoints[method]}: train one with `lledit train -m {method} "
-                        f"--data zsre --out {checkpoints[method]}` or pass "
-                        f"--checkpoint {method}=DIR"
-                    )
+        for method in filter(is_trained, methods):  # before hours of other methods' streams
+            checkpoints.setdefault(method, str(ROOT / "runs" / "ckpt" / method))
+            try:
+                read_meta(checkpoints[method])
+            except CheckpointError as error:
+                raise SystemExit(f"{method}: {error}; or pass --checkpoint {method}=DIR") from None
         for method in methods:
             command = [sys.executable, __file__, "--one", method, "--edits", str(arguments.edits)]
             command += ["--budget-min", str(arguments.budget_min), "--out", str(arguments.out)]

@@ -41,6 +41,7 @@ from lledit.eval.report import (
     run_label,
 )
 from lledit.hypernet.checkpoint import CheckpointError, read_meta
+from lledit.methods import is_trained
 
 DATASETS = ("zsre", "counterfact")
 EDITS, BATCH = 1000, 10
@@ -68,7 +69,7 @@ def run_missing(
         (dataset_name, method): checkpoints.get(f"{dataset_name}/{method}", checkpoints.get(method))
         for dataset_name in datasets
         for method in methods
-        if _needs_network(method)
+        if is_trained(method)
     }
     left_out = {run for run, checkpoint in network.items() if checkpoint is None}
     for dataset_name, method in sorted(left_out):
@@ -87,7 +88,7 @@ def run_missing(
     loaded = {name: load_dataset(name, "eval", limit=EDITS) for name, _, _ in planned}
     for dataset_name, method, suffix in planned:
         dataset = loaded[dataset_name]
-        settings = {"checkpoint": network[dataset_name, method]} if _needs_network(method) else {}
+        settings = {"checkpoint": network[dataset_name, method]} if is_trained(method) else {}
         if suffix == "-eos":
             settings["append_eos"] = False
         handle = load_model()
@@ -113,10 +114,6 @@ def run_missing(
         out.mkdir(parents=True, exist_ok=True)
         result.save(out / "results.json")
         logging.warning("%s: %s", out, result.metrics)
-
-
-def _needs_network(method: str) -> bool:
-    return "checkpoint" in METHODS[method].config_class.__dataclass_fields__
 
 
 def _appends_eos_itself(method: str) -> bool:

@@ -106,11 +106,11 @@ def print_counted(methods: list[str], dtype: str) -> None:
 
 def editor_for(method: str, handle):
     from lledit.hypernet.config import untrained_network
-    from lledit.methods import METHODS, make_editor, train_config_class
+    from lledit.methods import METHODS, is_trained, make_editor, train_config_class
 
     settings = QUICK.get(method, {})
     editor_class = METHODS[method]
-    if "checkpoint" in editor_class.config_class.__dataclass_fields__:
+    if is_trained(method):
         network = untrained_network(handle, train_config_class(method)(), editor_class.update_rule)
         return editor_class.from_network(handle, network)
     return make_editor(method, handle, **settings)
@@ -215,11 +215,12 @@ def main() -> None:
               f"--dtype={arguments.dtype}", f"--batches={arguments.batches}",
               f"--budget-s={arguments.budget_s}", f"--out={arguments.out}"]  # fmt: skip
     passed += ["--tiny"] if arguments.tiny else []
-    for method in [] if arguments.only_report else methods:
-        command = [sys.executable, __file__, *passed, "--one", method.strip()]
-        finished = subprocess.run(command, env=os.environ, check=False)
-        if finished.returncode:
-            print(f"{method}: failed (exit {finished.returncode})")
+    if not arguments.only_report:
+        for method in methods:
+            command = [sys.executable, __file__, *passed, "--one", method.strip()]
+            finished = subprocess.run(command, env=os.environ, check=False)
+            if finished.returncode:
+                print(f"{method}: failed (exit {finished.returncode})")
     header = ["method", "edited layers (at 32)", "peak MiB", "added MiB (counted)", "s/edit",
               "s/edit ÷ fwd+bwd", "32-layer peak GiB"]  # fmt: skip
     print("| " + " | ".join(header) + " |")

@@ -103,11 +103,17 @@ def parse_settings(
     return parsed
 
 
+def is_trained(name: str) -> bool:
+    """Whether a method edits with a network trained beforehand (`lledit train`),
+    which its `checkpoint` setting names."""
+    return hasattr(method_class(name), "train_config_class")
+
+
 def train_config_class(name: str) -> type:
     """The training config dataclass of a method that is trained before it edits."""
     method = method_class(name)
-    if not hasattr(method, "train_config_class"):
-        trained = [n for n, m in METHODS.items() if hasattr(m, "train_config_class")]
+    if not is_trained(name):
+        trained = [n for n in METHODS if is_trained(n)]
         raise UnknownMethodError(
             f"method '{name}' is not trained; methods that are: {', '.join(trained)}"
         )
@@ -166,6 +172,7 @@ __all__ = [
     "UnknownMethodError",
     "config_fields",
     "editor_share",
+    "is_trained",
     "make_editor",
     "method_class",
     "parse_settings",
