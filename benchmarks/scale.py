@@ -207,9 +207,12 @@ def main() -> None:
         return
     from lledit.methods import METHODS
 
-    methods = (arguments.methods or ",".join(m for m in METHODS if m != "none")).split(",")
+    if arguments.methods:
+        methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
+    else:
+        methods = [m for m in METHODS if m != "none"]
     if arguments.counted:
-        print_counted([method.strip() for method in methods], arguments.dtype)
+        print_counted(methods, arguments.dtype)
         return
     passed = [f"--layers={arguments.layers}", f"--device={arguments.device}",
               f"--dtype={arguments.dtype}", f"--batches={arguments.batches}",
@@ -217,7 +220,7 @@ def main() -> None:
     passed += ["--tiny"] if arguments.tiny else []
     if not arguments.only_report:
         for method in methods:
-            command = [sys.executable, __file__, *passed, "--one", method.strip()]
+            command = [sys.executable, __file__, *passed, "--one", method]
             finished = subprocess.run(command, env=os.environ, check=False)
             if finished.returncode:
                 print(f"{method}: failed (exit {finished.returncode})")
@@ -226,7 +229,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for method in methods:
-        path = arguments.out / f"{method.strip()}.json"
+        path = arguments.out / f"{method}.json"
         if not path.exists():
             continue
         r = json.loads(path.read_text())

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 from lledit import METHODS
 from lledit import model as model_module
 from lledit.cli import app
+from lledit.methods import is_trained
 
 runner = CliRunner()
 
@@ -67,9 +68,7 @@ def test_bench_compares_methods(tiny_dir, tmp_path):
 
 def test_bench_runs_every_method_that_needs_no_training(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    untrained = [
-        name for name, method in METHODS.items() if not hasattr(method, "train_config_class")
-    ]
+    untrained = [name for name in METHODS if not is_trained(name)]
     fast = ["ft.steps=1", "locft.epochs=1", "elder.steps=1", "grace.steps=1", "memoir.steps=1"]
     fast += [f"{method}.{setting}" for method in ("memit", "alphaedit")
              for setting in ("stats_samples=600", "prefix_count=1", "value_steps=1")]  # fmt: skip

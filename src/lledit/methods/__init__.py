@@ -111,13 +111,12 @@ def is_trained(name: str) -> bool:
 
 def train_config_class(name: str) -> type:
     """The training config dataclass of a method that is trained before it edits."""
-    method = method_class(name)
     if not is_trained(name):
         trained = [n for n in METHODS if is_trained(n)]
         raise UnknownMethodError(
             f"method '{name}' is not trained; methods that are: {', '.join(trained)}"
         )
-    return method.train_config_class
+    return method_class(name).train_config_class
 
 
 def make_editor(name: str, handle: ModelHandle, **settings: Any) -> EditMethod:
