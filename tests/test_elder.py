@@ -937,6 +937,40 @@ def test_router_fit_sends_held_edits_back_to_the_loras_they_were_trained_through
     assert free < 1.0
 
 
+@BOTH_MODES
+def test_router_fit_takes_a_bounded_replayable_sample_of_the_held_edits(
+    tiny, requests_small, monkeypatch, mode
+):
+    def refit_sizes(editor) -> list[int]:
+        """How many queries each routing of the router refit takes, for the next batch."""
+        sizes: list[int] = []
+        fit, route = editor._fit_routers, editor._route
+
+        def recorded(queries):
+            sizes.append(len(queries))
+            return route(queries)
+
+        def fit_recording(*args):
+            monkeypatch.setattr(editor, "_route", recorded)
+            try:
+                fit(*args)
+            finally:
+                monkeypatch.setattr(editor, "_route", route)
+
+        monkeypatch.setattr(editor, "_fit_routers", fit_recording)
+        return sizes
+
+    routers = []
+    for limit in (1, 1, 0):
+        editor = make_editor("elder", same_model(tiny), steps=3, router_fit_edits=limit, **mode)
+        editor.apply(requests_small[:2])
+        sizes = refit_sizes(editor)
+        editor.apply(requests_small[2:])  # one new edit, two held
+        assert sizes and set(sizes) == {1 + (limit or 2)}
+        routers.append(editor.router.detach().clone())
+    assert torch.equal(routers[0], routers[1])  # the sample follows the prompts alone
+
+
 @pytest.mark.parametrize("method", ["elder", "grace"])
 def test_a_memory_journal_exports_an_lledit_folder_that_loads_in_one_call(
     tiny, requests_small, tmp_path, monkeypatch, method
