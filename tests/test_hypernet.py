@@ -250,6 +250,23 @@ def test_precision_with_keys_is_the_inverse_with_the_keys_added():
     torch.testing.assert_close(held, torch.linalg.inv(second_moment + 0.5 * keys64.T @ keys64))
 
 
+def test_keys_held_batch_after_batch_keep_the_precision_symmetric():
+    """A P that drifts from symmetry makes K P Kᵀ indefinite for large keys (a diverged
+    model's), and the next ridge solve fails; held keys must keep it symmetric."""
+    generator = torch.Generator().manual_seed(3)
+    square = torch.randn(64, 64, dtype=torch.float64, generator=generator)
+    precision = torch.linalg.inv(square @ square.T / 64 + 1e-3 * torch.eye(64, dtype=torch.float64))
+    precision = (precision + precision.T) / 2
+    shared = torch.randn(64, generator=generator)  # keys lean one way, as a layer's inputs do
+    batches = [shared + 0.1 * torch.randn(12, 64, generator=generator) for _ in range(40)]
+    ridge = 0.1 * (batches[0].double() @ precision * batches[0].double()).sum(1).mean()
+    for index, keys in enumerate(batches[:-1]):
+        precision = precision_with_keys(precision, keys * (1e6 if index >= 20 else 1), 0.03 / ridge)
+    assert torch.equal(precision, precision.T)
+    delta = least_squares_update(1e6 * batches[-1], torch.randn(12, 8), ridge.log(), precision)
+    assert torch.isfinite(delta).all()
+
+
 def test_least_squares_update_maps_each_key_to_its_value_with_a_tiny_ridge():
     generator = torch.Generator().manual_seed(2)
     keys = torch.randn(3, 16, generator=generator)

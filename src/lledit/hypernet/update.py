@@ -95,10 +95,15 @@ def precision_with_keys(precision: torch.Tensor, keys: torch.Tensor, weight: flo
 
     Holding earlier edits' keys K in the ridge makes a later update leave
     their outputs alone. The (tokens x tokens) solve costs far less than
-    inverting the d_in x d_in matrix.
+    inverting the d_in x d_in matrix. P is kept symmetric, and its correction
+    formed as YᵀY through the Cholesky factor of the inner matrix: a P that
+    drifts from symmetry over many held batches makes K P Kᵀ indefinite once
+    the keys are large (a diverging model's), and the next ridge solve fails.
     """
     precision, keys = precision.double(), keys.double()
     projected = keys @ precision
     inner = projected @ keys.T
     inner.diagonal().add_(1 / weight)
-    return precision - projected.T @ torch.linalg.solve(inner, projected)
+    whitened = torch.linalg.solve_triangular(torch.linalg.cholesky(inner), projected, upper=False)
+    held = precision - whitened.T @ whitened
+    return held.add_(held.T.clone()).mul_(0.5)
