@@ -127,15 +127,15 @@ class ElderConfig:
     router_steps: int = 300
     """After each batch, at most this many Adam steps on the routers alone (no
     model pass) until every query it fits (`router_fit_edits`) again picks the
-    LoRAs it was trained through; 0: none. Without it, edits' layer choices drift as
-    later batches retrain the routers."""
+    LoRAs it was trained through; 0: none. Without it, edits' layer choices
+    drift as later batches retrain the routers."""
     router_fit_edits: int = 1000
     """At most this many held edits, drawn afresh each batch, join the new
     batch's in that refit; 0: all. Every refit step routes each query it
-    fits, and past about 2000 held edits all of them no longer converge
-    within `router_steps`, so unbounded refits made batches 2.3 times slower
-    after 4560 CounterFact edits. 1000 fit in about 60 steps, and a stream of
-    up to 1000 edits refits as before (docs/methods/elder.md)."""
+    fits, and past about 2000 held edits a refit of all of them no longer
+    converges within `router_steps`: batches were 2.3 times slower after 4560
+    CounterFact edits. 1000 fit in about 60 steps, and a stream of up to 1000
+    edits refits as before (docs/methods/elder.md)."""
     seed: int = 0
     """Seed of the LoRA and router initialisation and of the edits' allocations."""
     batch_rank: int = 64
